@@ -1,0 +1,3 @@
+from deltakit.cli import main
+
+main()

@@ -1,0 +1,278 @@
+"""Lazy, memory-mapped access to a Hugging Face checkpoint folder.
+
+A :class:`Checkpoint` reads only headers when opened. Tensor data is served as zero-copy views of
+private (copy-on-write) memory maps of the shards, so reading a tensor costs page faults, not a copy,
+and :meth:`Checkpoint.release` hands the pages back to the kernel once a caller is done with them:
+peak memory then stays at a few tensors, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from deltakit.errors import CheckpointError
+from deltakit.io.format import DTYPES, parse_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor lives: its shard file, absolute byte offset, dtype and shape."""
+
+    name: str
+    file: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _Shard:
+    """One safetensors file: its parsed header and, once needed, a private memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) == 8:
+                    n = int.from_bytes(head, "little")
+                    head += f.read(min(n, max(size - 8, 0)))
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        entries, self.metadata, start = parse_header(head, size, str(path))
+        self.metas = {
+            name: TensorMeta(name, str(path), start + e["data_offsets"][0], DTYPES[e["dtype"]], tuple(e["shape"]))
+            for name, e in entries.items()
+        }
+        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
+
+    def view(self, meta: TensorMeta) -> torch.Tensor:
+        if self._map is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=meta.dtype)
+        itemsize = torch.empty((), dtype=meta.dtype).element_size()
+        if meta.offset % itemsize:
+            raw = bytearray(self._map[meta.offset : meta.offset + meta.nbytes])
+            return torch.frombuffer(raw, dtype=meta.dtype).reshape(meta.shape)
+        return torch.frombuffer(self._map, dtype=meta.dtype, count=meta.numel, offset=meta.offset).reshape(meta.shape)
+
+    def release(self, begin: int, end: int) -> None:
+        """Drop the resident pages of ``[begin, end)``; a later read faults them in again from the file."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        lo = begin - begin % _PAGE
+        hi = min(end + (-end % _PAGE), len(self._map))
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a caller still holds a view; the map is freed with it
+            os.close(self._fd)
+            self._map = None
+
+
+class Checkpoint:
+    """A model folder (``config.json`` plus one or many safetensors shards) or a single safetensors file.
+
+    Use :meth:`open`; then :meth:`keys`, :meth:`meta`, :meth:`get` (zero-copy, read-only view),
+    :meth:`rows` (a row range of a large tensor) and :meth:`release` (drop its pages from memory).
+    """
+
+    def __init__(self, path: Path, config: dict, shards: dict[str, _Shard], key_to_file: dict[str, str]):
+        self.path = path
+        self.config = config
+        self._shards = shards
+        self._key_to_file = key_to_file
+        self._pickled: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "Checkpoint":
+        """Open a checkpoint, reading headers only. Raises :class:`CheckpointError` with one clear line."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file or folder")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise CheckpointError(f"{path}: not a model folder or a .safetensors file")
+            shard = _Shard(path)
+            return cls(path, {}, {path.name: shard}, {k: path.name for k in shard.metas})
+        config = _read_json(path / "config.json") if (path / "config.json").exists() else {}
+        index = path / INDEX_NAME
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: no weight_map")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(f"{path}: shard {missing[0]} named in {INDEX_NAME} is missing ({len(missing)} of {len(files)} shards)")
+            shards = {f: _Shard(path / f) for f in files}
+            for key, f in weight_map.items():
+                if key not in shards[f].metas:
+                    raise CheckpointError(f"{path / f}: index says it holds {key!r}, but the shard does not")
+            return cls(path, config, shards, dict(weight_map))
+        singles = sorted(p.name for p in path.glob("*.safetensors"))
+        if singles:
+            shards = {f: _Shard(path / f) for f in singles}
+            key_to_file = {k: f for f, s in shards.items() for k in s.metas}
+            return cls(path, config, shards, key_to_file)
+        pickles = [n for n in _PICKLE_NAMES if (path / n).exists()]
+        if pickles:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{path}: only pickled .bin weights found; refusing to unpickle them (pass --allow-pickle to load with weights_only=True)"
+                )
+            return cls._open_pickled(path, config)
+        if not config:
+            raise CheckpointError(f"{path}: not a model folder (no config.json and no weights)")
+        raise CheckpointError(f"{path}: no weights found (no {SINGLE_NAME} or {INDEX_NAME})")
+
+    @classmethod
+    def _open_pickled(cls, path: Path, config: dict) -> "Checkpoint":
+        index = path / "pytorch_model.bin.index.json"
+        files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["pytorch_model.bin"]
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            if not (path / f).exists():
+                raise CheckpointError(f"{path}: shard {f} is missing")
+            try:
+                tensors.update(torch.load(path / f, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as exc:  # torch raises many types for a bad pickle
+                raise CheckpointError(f"{path / f}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+        ckpt = cls(path, config, {}, {k: "pickle" for k in tensors})
+        ckpt._pickled = tensors
+        return ckpt
+
+    # -- queries -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self._key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_to_file
+
+    def __len__(self) -> int:
+        return len(self._key_to_file)
+
+    def meta(self, key: str) -> TensorMeta:
+        """Dtype, shape and location of ``key`` without reading data."""
+        if self._pickled is not None:
+            t = self._pickled[key]
+            return TensorMeta(key, "pickle", 0, t.dtype, tuple(t.shape))
+        return self._shards[self._file(key)].metas[key]
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of all shards, merged."""
+        out: dict[str, str] = {}
+        for s in self._shards.values():
+            out.update(s.metadata)
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        """A read-only, zero-copy view of tensor ``key`` (clone it before writing into it)."""
+        if self._pickled is not None:
+            return self._pickled[key]
+        shard = self._shards[self._file(key)]
+        return shard.view(shard.metas[key])
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``key`` (along dim 0) as a zero-copy view."""
+        return self.get(key)[start:stop]
+
+    def row_chunks(self, key: str, max_elements: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first_row, view)`` chunks of at most ``max_elements`` elements, releasing each after use."""
+        t = self.get(key)
+        if t.dim() == 0:
+            yield 0, t
+            return
+        per_row = max(1, t[0].numel())
+        step = max(1, max_elements // per_row)
+        for start in range(0, t.shape[0], step):
+            yield start, t[start : start + step]
+            self.release(key, start, min(start + step, t.shape[0]))
+
+    def release(self, key: str, row_start: int | None = None, row_stop: int | None = None) -> None:
+        """Hand the resident pages of ``key`` (or of a row range of it) back to the kernel."""
+        if self._pickled is not None:
+            return
+        meta = self.meta(key)
+        begin, end = meta.offset, meta.offset + meta.nbytes
+        if row_start is not None and meta.shape:
+            row_bytes = meta.nbytes // max(meta.shape[0], 1)
+            begin, end = meta.offset + row_start * row_bytes, meta.offset + (row_stop or meta.shape[0]) * row_bytes
+        self._shards[self._file(key)].release(begin, end)
+
+    def files(self) -> list[Path]:
+        """The weight files of this checkpoint."""
+        return [s.path for s in self._shards.values()]
+
+    def non_weight_files(self) -> list[Path]:
+        """Files of the folder that are neither weights nor weight indexes (config, tokenizer, processor ...)."""
+        if self.path.is_file():
+            return []
+        skip = {INDEX_NAME, *_PICKLE_NAMES}
+        return sorted(
+            p for p in self.path.iterdir()
+            if p.is_file() and p.suffix not in (".safetensors", ".bin", ".pt", ".pth") and p.name not in skip
+        )
+
+    def close(self) -> None:
+        """Unmap all shards (views handed out stay valid until garbage-collected)."""
+        for s in self._shards.values():
+            s.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _file(self, key: str) -> str:
+        try:
+            return self._key_to_file[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in checkpoint {self.path}") from None
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors, {len(self._shards)} files)"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data

@@ -1,0 +1,235 @@
+"""Atomic safetensors writing.
+
+The layout of every output file is fixed before the first byte of data, so tensors can be written in
+any order, whole or a row range at a time, from several threads (``os.pwrite`` at known offsets), and
+nothing ever has to be held in memory to build a shard. Outputs appear under their final name only
+when complete: files are renamed at :meth:`SafetensorsWriter.close`, folders by
+:func:`atomic_output_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from deltakit.errors import DeltakitError, OutputExistsError
+from deltakit.io.format import build_header, element_size
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of a tensor to be written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * element_size(self.dtype)
+
+
+def _disk_error(path: Path, exc: OSError) -> DeltakitError:
+    if exc.errno == errno.ENOSPC:
+        return DeltakitError(f"{path}: disk full while writing; nothing was left under the output name")
+    return DeltakitError(f"{path}: write failed ({exc.strerror})")
+
+
+class SafetensorsWriter:
+    """Write one safetensors file with a fixed layout; the file appears under ``path`` on :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = {s.name: s for s in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("duplicate tensor names in one safetensors file")
+        header, self._offsets = build_header([(s.name, s.dtype, s.shape) for s in specs], metadata)
+        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._written = {s.name: 0 for s in specs}
+        self._lock = threading.Lock()
+        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self._fd, len(header) + sum(s.nbytes for s in specs))
+            self._pwrite(memoryview(header), 0)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(self.path, exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor ``name``."""
+        spec = self.specs[name]
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != planned {spec.shape}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` as rows ``[row_start, row_start + len(rows))`` of tensor ``name``."""
+        spec = self.specs[name]
+        if rows.dtype != spec.dtype:
+            raise ValueError(f"{name}: dtype {rows.dtype} != planned {spec.dtype}")
+        if spec.shape and tuple(rows.shape[1:]) != spec.shape[1:]:
+            raise ValueError(f"{name}: row shape {tuple(rows.shape[1:])} != planned {spec.shape[1:]}")
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
+        data = rows.detach().to("cpu").contiguous().reshape(-1)
+        buf = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        try:
+            self._pwrite(buf, self._offsets[name] + row_start * row_bytes)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(self.path, exc) from None
+        with self._lock:
+            self._written[name] += len(buf)
+
+    def close(self) -> Path:
+        """Check that every tensor was fully written, flush, and move the file to its final name."""
+        short = [n for n, s in self.specs.items() if self._written[n] != s.nbytes]
+        if short:
+            self.abort()
+            raise RuntimeError(f"{self.path}: {len(short)} tensors incompletely written, e.g. {short[0]!r}")
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(self.path, exc) from None
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the partial file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        buf = buf.cast("B")
+        while buf:
+            n = os.pwrite(self._fd, buf, offset)
+            buf, offset = buf[n:], offset + n
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ShardedWriter:
+    """Write a Hugging Face-style sharded checkpoint (``model-0000i-of-0000n.safetensors`` + index) into ``folder``.
+
+    Tensors are assigned to shards in the given order, a new shard starting when ``max_shard_bytes``
+    would be exceeded. Use inside :func:`atomic_output_dir` so the folder appears only when complete.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = Path(folder)
+        groups: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in specs:
+            if groups[-1] and size + s.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(s)
+            size += s.nbytes
+        n = len(groups)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        meta = {"format": "pt", **(metadata or {})}
+        self._writers: list[SafetensorsWriter] = []
+        try:
+            for name, group in zip(names, groups):
+                self._writers.append(SafetensorsWriter(self.folder / name, group, meta))
+        except BaseException:
+            self.abort()
+            raise
+        self._by_name = {s.name: w for w in self._writers for s in w.specs.values()}
+        self.total_size = sum(s.nbytes for s in specs)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor ``name``."""
+        self._by_name[name].write(name, tensor)
+
+    def write_rows(self, name: str, row_start: int, rows: torch.Tensor) -> None:
+        """Write a row range of tensor ``name``."""
+        self._by_name[name].write_rows(name, row_start, rows)
+
+    def close(self) -> Path:
+        """Finish every shard and write ``model.safetensors.index.json``; returns the index path."""
+        for w in self._writers:
+            w.close()
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": {name: w.path.name for name, w in self._by_name.items()},
+        }
+        path = self.folder / "model.safetensors.index.json"
+        path.write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+    def abort(self) -> None:
+        """Discard every partial shard."""
+        for w in self._writers:
+            w.abort()
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def check_output_free(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise :class:`OutputExistsError` if ``out`` exists and ``overwrite`` is false; return it as a Path."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (use --force to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is removed.
+
+    A reader never sees a half-written ``out``: it either does not exist, is the old one, or is complete.
+    """
+    out = check_output_free(out, overwrite).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
