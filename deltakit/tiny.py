@@ -17,9 +17,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from deltakit.families import get_family
 from deltakit.model import open_model
 
-# Token ids reserved at the top of the tiny vocabulary for multimodal special tokens.
-VOCAB = 160
-SPECIAL = {"image": 150, "video": 151, "vision_start": 152, "vision_end": 153, "bos": 154, "eos": 155, "pad": 156}
+# Special-token ids at the top of the tiny vocabulary, named after Qwen's tokens
+# (<|endoftext|>, <|im_start|>, <|im_end|>, <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>);
+# ids below 500 are free for a trained tokenizer.
+VOCAB = 512
+SPECIAL = {"endoftext": 500, "im_start": 501, "im_end": 502, "vision_start": 503, "vision_end": 504, "image": 505, "video": 506}
 
 _ARCH = {
     "qwen2": "Qwen2ForCausalLM",
@@ -40,8 +42,8 @@ def text_config(model_type: str = "qwen2", hidden: int = 32, layers: int = 2, he
     """A small decoder config as a dict (``model_type`` included)."""
     return dict(model_type=model_type, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, intermediate_size=intermediate, vocab_size=vocab,
-                tie_word_embeddings=tie, max_position_embeddings=512, bos_token_id=SPECIAL["bos"],
-                eos_token_id=SPECIAL["eos"], pad_token_id=SPECIAL["pad"])
+                tie_word_embeddings=tie, max_position_embeddings=512, bos_token_id=SPECIAL["endoftext"],
+                eos_token_id=SPECIAL["im_end"], pad_token_id=SPECIAL["endoftext"])
 
 
 def tiny_config(family: str, **text_kw) -> PretrainedConfig:
