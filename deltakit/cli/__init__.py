@@ -13,7 +13,8 @@ from deltakit import __version__
 from deltakit.cli._common import err_console
 from deltakit.errors import DeltakitError
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
