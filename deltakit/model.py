@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import torch
 
 from deltakit.errors import FamilyError
 from deltakit.families import Family, TensorInfo, classify_key, detect_family, get_family, tie_word_embeddings
@@ -48,17 +51,40 @@ class MappedCheckpoint:
         return self.text[canonical]
 
 
+def text_names(infos: Iterable[TensorInfo], family: Family, where: str) -> dict[str, str]:
+    """Canonical text-tower name -> key for classified keys (on-disk keys or in-memory parameter names).
+
+    Two keys mapping to one canonical name is a :class:`FamilyError` naming ``where``.
+    """
+    text: dict[str, str] = {}
+    for info in infos:
+        if info.role != "text":
+            continue
+        if info.canonical in text:
+            raise FamilyError(f"{where}: keys {text[info.canonical]!r} and {info.key!r} both map to {info.canonical!r} under family {family.name}")
+        text[info.canonical] = info.key
+    return text
+
+
+def map_parameters(model: torch.nn.Module, family: str | Family | None = None) -> tuple[Family, dict[str, TensorInfo], dict[str, str]]:
+    """Classify a loaded model's in-memory parameter names (``named_parameters``) like :func:`map_checkpoint` does keys.
+
+    Returns the family (detected from ``model.config`` and the names when None), every parameter's
+    :class:`TensorInfo`, and canonical text-tower name -> parameter name. Works on FSDP2-sharded
+    models (names are unchanged) but not on wrappers that prefix names (unwrap DDP's ``.module`` first).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    fam = get_family(family) if isinstance(family, str) else family or detect_family(config, names)
+    infos = {n: classify_key(n, fam) for n in names}
+    return fam, infos, text_names(infos.values(), fam, type(model).__name__)
+
+
 def map_checkpoint(ckpt: Checkpoint, family: str | Family | None = None) -> MappedCheckpoint:
     """Classify every key of ``ckpt`` under ``family`` (detected from config and keys when None)."""
     fam = get_family(family) if isinstance(family, str) else family or detect_family(ckpt.config, ckpt.keys())
     infos = {k: classify_key(k, fam) for k in ckpt.keys()}
-    text: dict[str, str] = {}
-    for k, info in infos.items():
-        if info.role != "text":
-            continue
-        if info.canonical in text:
-            raise FamilyError(f"{ckpt.path}: keys {text[info.canonical]!r} and {k!r} both map to {info.canonical!r} under family {fam.name}")
-        text[info.canonical] = k
+    text = text_names(infos.values(), fam, str(ckpt.path))
     if not any(i.layer is not None for i in infos.values()):
         raise FamilyError(f"{ckpt.path}: no text-tower layer found under family {fam.name} (wrong --family?)")
     tied = LM_HEAD not in text and EMBED in text and (tie_word_embeddings(ckpt.config) or not ckpt.config)
