@@ -1,0 +1,141 @@
+"""The fine-tuning configuration: one dataclass, loadable from YAML, every field also a CLI flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deltakit.drift import RULES
+from deltakit.errors import DeltakitError
+
+
+class ConfigError(DeltakitError):
+    """A fine-tuning configuration that is incomplete or inconsistent."""
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+FREEZABLE = ("vision", "projector", "text", "other")
+# Fields that may change between a run and its --resume; every other field must match the checkpoint.
+RESUMABLE_CHANGES = frozenset({"resume", "force", "save_every", "keep_checkpoints", "log_every", "prior_device",
+                               "gradient_checkpointing", "strategy", "batch_size", "grad_accum", "out", "run_dir"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``deltakit finetune`` needs (see ``docs/finetune.md``); YAML keys are the field names.
+
+    ``batch_size`` is per process and micro-batch; the global batch of one optimizer step is
+    ``batch_size * grad_accum * world_size`` examples. Without ``prior`` the run is plain SFT.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
+    prior: str | None = None
+    rule: str = "adaptive"
+    alpha: float = 1.0
+    prior_device: str = "auto"
+    epochs: int = 3
+    max_steps: int | None = None
+    lr: float = 1e-6
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    freeze: tuple[str, ...] = ("vision", "projector")
+    strategy: str = "auto"
+    seed: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    save_dtype: str = "auto"
+    family: str | None = None
+    run_dir: str | None = None
+    log_every: int = 1
+    resume: bool = False
+    force: bool = False
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TrainConfig":
+        """Build from plain values (YAML or flags); unknown keys are an error naming the valid ones."""
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(cls.field_names())}")
+        values = dict(data)
+        for key in ("adam_betas", "freeze"):
+            if isinstance(values.get(key), str):
+                values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())
+            elif values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if values.get("adam_betas") is not None:
+            values["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
+        return cls(**values).validated(where)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, **overrides: Any) -> "TrainConfig":
+        """Read a YAML file (when given) and apply ``overrides`` (None values are ignored)."""
+        data: dict[str, Any] = {}
+        where = "flags"
+        if path is not None:
+            where = str(path)
+            try:
+                loaded = yaml.safe_load(Path(path).read_text())
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data, where)
+
+    def validated(self, where: str = "config") -> "TrainConfig":
+        """Check values and required fields; returns self."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"{where}: {msg}")
+
+        for key in ("model", "data", "out"):
+            need(getattr(self, key) is not None, f"{key} is required (--{key} or '{key}:' in the YAML)")
+        need(self.rule in RULES, f"rule must be one of {', '.join(RULES)}, not {self.rule!r}")
+        need(self.alpha >= 0, f"alpha must be >= 0, not {self.alpha}")
+        need(self.prior_device in ("auto", "cpu"), f"prior_device must be 'auto' or 'cpu', not {self.prior_device!r}")
+        need(self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, not {self.max_steps}")
+        need(self.lr > 0, f"lr must be > 0, not {self.lr}")
+        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be two numbers in [0, 1), not {self.adam_betas}")
+        need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
+        need(self.max_length is None or self.max_length >= 2, "max_length must be >= 2")
+        need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        need(set(self.freeze) <= set(FREEZABLE), f"freeze takes roles from {', '.join(FREEZABLE)}, not {', '.join(self.freeze)}")
+        need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        need(self.save_every >= 0 and self.keep_checkpoints >= 1 and self.log_every >= 1, "save_every >= 0, keep_checkpoints >= 1, log_every >= 1")
+        need(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        """Folder for checkpoints and the live log: ``run_dir``, else ``<out>.run`` beside the output."""
+        return Path(self.run_dir) if self.run_dir else Path(f"{self.out}.run")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.field_names()}

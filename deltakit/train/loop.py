@@ -1,0 +1,198 @@
+"""``finetune(config)``: supervised fine-tuning of an MLLM, optionally with the DRIFT gradient bias.
+
+One optimizer step (:func:`train_step`):
+
+1. forward/backward every micro-batch of this process; the loss is the summed token cross-entropy
+   divided by the number of target tokens in the *whole global batch* (all micro-batches, all
+   processes) and multiplied by the world size (DDP and FSDP average gradients), so the step's gradient
+   is the same whatever the split into micro-batches and processes;
+2. gradients are reduced across processes only in the last micro-batch's backward;
+3. clip the data gradient to ``max_grad_norm``;
+4. DRIFT: ``g -= c * D`` on the accumulated, reduced, clipped gradient (once per step);
+5. AdamW step at ``lr * plan.lr_factor(step)``.
+
+The bias comes after clipping: clipping guards against data-gradient spikes, and the prior term is
+bounded by construction (``|c D| <= a |g|`` for gradnorm and adaptive, fixed for absolute). Clipping
+the biased gradient instead would let ``|D|`` (hundreds for Qwen-VL) set the clip factor and shrink
+the data gradient with it. The logged grad norm is therefore the plain-SFT quantity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from deltakit.drift import DriftBias, DriftStep
+from deltakit.errors import DeltakitError
+from deltakit.io.writer import atomic_output_dir, check_output_free
+from deltakit.progress import ProgressFn, no_progress
+from deltakit.train import dist
+from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from deltakit.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from deltakit.train.setup import Plan, batches, load_data, load_model, read_jsonl, save_dtype, save_final
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class TrainResult:
+    """Summary of a run: where the model went, how many steps, the last losses, the prior binding, the log."""
+
+    out: Path
+    steps: int
+    global_batch: int
+    final_loss: float
+    seconds: float
+    drift_tensors: int
+    drift_params: int
+    resumed_from: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens (labels != -100), computed in float32."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def count_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """Target tokens of a batch after the next-token shift."""
+    return (batch["labels"][:, 1:] != IGNORE).sum()
+
+
+def _scalar(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def train_step(model: torch.nn.Module, micro: list[dict], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               lr: float, bias: DriftBias | None, env: dist.DistEnv, config: TrainConfig, autocast) -> dict[str, Any]:
+    """One optimizer step on this process's micro-batches (see the module docstring); returns its log record."""
+    n_tokens = env.all_reduce_sum(sum(count_targets(b) for b in micro)).clamp_min(1)
+    loss_sum = torch.zeros((), device=env.device)
+    for i, batch in enumerate(micro):
+        with dist.grad_sync(model, i == len(micro) - 1), autocast():
+            loss = token_loss_sum(model, batch) * (env.world_size / n_tokens)
+        loss.backward()
+        loss_sum += loss.detach()
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else torch.nn.utils.get_total_norm(grads)
+    drift: DriftStep | None = bias.apply() if bias is not None else None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record = {"loss": _scalar(env.all_reduce_sum(loss_sum)) / env.world_size, "lr": lr, "grad_norm": _scalar(grad_norm),
+              "tokens": int(n_tokens)}
+    if drift is not None:
+        record.update(drift_cos=drift.cos, drift_ratio=drift.bias_ratio)
+    return record
+
+
+def finetune(config: TrainConfig, progress: ProgressFn = no_progress) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` into ``config.out``; DRIFT when ``config.prior`` is set.
+
+    Works alone or in every process of a ``torchrun`` launch (DDP or FSDP2). Checkpoints every
+    ``save_every`` steps into ``<out>.run/checkpoints``; ``resume`` continues from the newest one and ends
+    with the same weights as an uninterrupted run. Without a prior (or with ``alpha`` 0) it is plain SFT.
+    """
+    config.validated()
+    env = dist.setup(config.strategy)
+    try:
+        return _run(config, env, progress if env.is_main else no_progress)
+    finally:
+        env.close()
+
+
+def _fingerprint(config: TrainConfig, plan: Plan) -> dict[str, Any]:
+    keep = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps({**keep, "global_batch": plan.global_batch, "total_steps": plan.total_steps}))
+
+
+def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
+    """Step to start from: 0, or the newest checkpoint's step under ``resume`` (after checking it fits)."""
+    ckpts = list_checkpoints(config.run_path / "checkpoints")
+    if not config.resume:
+        if ckpts and not config.force:
+            raise DeltakitError(f"{config.run_path}: holds checkpoints of an earlier run; pass --resume to continue it or --force to start over")
+        return 0
+    if not ckpts:
+        raise DeltakitError(f"--resume: no checkpoint in {config.run_path / 'checkpoints'}")
+    state = load_checkpoint(ckpts[-1], model, optimizer, env)
+    now = _fingerprint(config, plan)
+    diff = [k for k in now if state["fingerprint"].get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"--resume: {diff[0]} is {now[diff[0]]!r} but the checkpoint was made with {state['fingerprint'].get(diff[0])!r}")
+    log.info("resuming from %s (step %d of %d)", ckpts[-1], state["step"], plan.total_steps)
+    return state["step"]
+
+
+def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainResult:
+    check_output_free(config.out, config.force)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model, family = load_model(config)
+    dataset, collate, _ = load_data(config)
+    plan = Plan.make(len(dataset), config, env.world_size)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    fsdp = env.strategy == "fsdp"
+    wrapped = dist.wrap(model, env, torch.bfloat16 if bf16 and fsdp else None)
+    bias = None
+    if config.prior is not None:
+        from deltakit.prior import Prior
+
+        prior_device = "cpu" if config.prior_device == "cpu" else None
+        bias = DriftBias.bind(model, Prior.open(config.prior), config.rule, config.alpha, family, prior_device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
+    start = _start(config, plan, wrapped, optimizer, env)
+    log_path = config.run_path / "log.jsonl"
+    if env.is_main:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_jsonl(log_path) if r["step"] < start] if start else []
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    log.info("%d examples, global batch %d, %d steps (%d per epoch), warmup %d, %s", plan.examples, plan.global_batch,
+             plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, "DRIFT " + config.rule if bias else "plain SFT")
+
+    def autocast():
+        return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 and not fsdp else contextlib.nullcontext()
+
+    progress(0, total=plan.total_steps - start, description="finetune")
+    history: list[dict[str, Any]] = []
+    for step, micro in batches(plan, start, dataset, collate, env, config):
+        record = {"step": step + 1, **train_step(wrapped, micro, params, optimizer, config.lr * plan.lr_factor(step), bias, env, config, autocast)}
+        history.append(record)
+        if env.is_main and ((step + 1) % config.log_every == 0 or step + 1 == plan.total_steps):
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        progress(1, info=f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  |g| {record['grad_norm']:.3g}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < plan.total_steps:
+            state = {"step": step + 1, "fingerprint": _fingerprint(config, plan), "world_size": env.world_size}
+            save_checkpoint(config.run_path / "checkpoints" / f"step-{step + 1:07d}", wrapped, optimizer, state, env, config.keep_checkpoints)
+    full = dist.full_state_dict(model)
+    final_loss = history[-1]["loss"] if history else float("nan")
+    result = TrainResult(Path(config.out), plan.total_steps, plan.global_batch, final_loss, time.perf_counter() - started,
+                         bias.num_tensors if bias else 0, bias.num_params if bias else 0, start, history)
+    if env.is_main:
+        with atomic_output_dir(config.out, config.force) as tmp:
+            summary = json.dumps({"config": config.to_dict(), "result": {k: v for k, v in result.to_dict().items() if k != "history"}},
+                                 indent=2, default=str)
+            save_final(model, full, config, tmp, save_dtype(config),
+                       {"deltakit_finetune.json": summary + "\n", "train_log.jsonl": log_path.read_text()})
+        log.info("saved %s (%d steps, final loss %.4f)", config.out, plan.total_steps, final_loss)
+    env.barrier()
+    return result

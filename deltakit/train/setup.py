@@ -1,0 +1,145 @@
+"""What a run needs around the loop: the model (loaded, frozen by role), the data, the schedule, the final save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from deltakit.errors import DeltakitError
+from deltakit.model import map_parameters, open_model
+from deltakit.train.config import TrainConfig
+from deltakit.train.dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(config: TrainConfig) -> tuple[torch.nn.Module, str]:
+    """Load the MLLM (class from its ``config.json`` ``architectures``) in float32 master weights and freeze roles.
+
+    Returns the model and its family name. Parameters whose role (``vision``, ``projector``, ``text``,
+    ``other``; from the family table) is in ``config.freeze`` get ``requires_grad = False``.
+    """
+    mapped = open_model(config.model, config.family)
+    arch = (mapped.ckpt.config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise DeltakitError(f"{config.model}: config.json names no transformers architecture ({arch!r})")
+    model = cls.from_pretrained(config.model, dtype=torch.float32)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, infos, _ = map_parameters(model, mapped.family)
+    counts = {"trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        frozen = infos[name].role in config.freeze
+        p.requires_grad_(not frozen)
+        counts["frozen" if frozen else "trainable"] += p.numel()
+    if not counts["trainable"]:
+        raise DeltakitError(f"--freeze {','.join(config.freeze)} leaves nothing to train")
+    log.info("%s (%s): %s trainable parameters, %s frozen (%s)", config.model, mapped.family.name,
+             f"{counts['trainable']:,}", f"{counts['frozen']:,}", ", ".join(config.freeze) or "nothing frozen")
+    return model, mapped.family.name
+
+
+def save_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of the saved weights: ``config.save_dtype``, or for ``auto`` the base checkpoint's text-tower dtype."""
+    if config.save_dtype != "auto":
+        return _DTYPES[config.save_dtype]
+    mapped = open_model(config.model, config.family)
+    return mapped.ckpt.meta(mapped.text[next(iter(mapped.text))]).dtype
+
+
+def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]], dict], Any]:
+    """The tokenised training examples, the collate function and the model's processor."""
+    from deltakit.data import SFTDataset, collate, load_examples
+
+    processor = transformers.AutoProcessor.from_pretrained(config.model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    dataset = SFTDataset(load_examples(config.data), processor, max_length=config.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return dataset, lambda batch: collate(batch, pad_id), processor
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How examples become optimizer steps: global batch, steps per epoch, total and warmup steps."""
+
+    examples: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def make(cls, examples: int, config: TrainConfig, world_size: int) -> "Plan":
+        """Steps of ``batch_size * grad_accum * world_size`` examples; an incomplete last batch of an epoch is dropped."""
+        batch = config.batch_size * config.grad_accum * world_size
+        per_epoch = examples // batch
+        if per_epoch == 0:
+            raise DeltakitError(f"{config.data}: {examples} examples, fewer than one global batch of {batch} "
+                                f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {world_size} processes)")
+        total = config.max_steps or config.epochs * per_epoch
+        return cls(examples, batch, per_epoch, total, math.ceil(config.warmup_ratio * total))
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup then cosine decay, as a factor of the peak lr for 0-based ``step``.
+
+        Warmup steps ``s < w`` get ``(s + 1) / w`` (the first step already learns); after it,
+        ``0.5 * (1 + cos(pi * (s - w) / (T - w)))``, so the last step's factor is small but non-zero.
+        """
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def micro_batches(self, step: int, env: DistEnv, config: TrainConfig) -> list[list[int]]:
+        """Example indices of this process's micro-batches at ``step``.
+
+        Each epoch is a permutation seeded by ``seed + epoch``; step ``s`` takes the next global batch
+        from it, and process ``r`` the ``r``-th contiguous slice of that, split into ``grad_accum``
+        micro-batches. So the examples of a step depend only on the seed and the global batch size.
+        """
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+        step_ids = order[pos * self.global_batch:(pos + 1) * self.global_batch]
+        per_rank = config.batch_size * config.grad_accum
+        mine = step_ids[env.rank * per_rank:(env.rank + 1) * per_rank]
+        return [mine[i:i + config.batch_size] for i in range(0, per_rank, config.batch_size)]
+
+
+def batches(plan: Plan, start: int, dataset: Sequence[dict], collate: Callable[[list[dict]], dict],
+            env: DistEnv, config: TrainConfig) -> Iterator[tuple[int, list[dict]]]:
+    """``(step, micro-batches on the device)`` from ``start`` to the end of the plan."""
+    for step in range(start, plan.total_steps):
+        micro = [collate([dataset[i] for i in ids]) for ids in plan.micro_batches(step, env, config)]
+        yield step, [{k: v.to(env.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
+
+
+def save_final(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], config: TrainConfig, folder: Path,
+               dtype: torch.dtype, extra_files: dict[str, str]) -> None:
+    """Save in the MLLM's own format (``save_pretrained``, safetensors) plus processor/tokenizer files of the base model."""
+    model.config.dtype = dtype
+    model.save_pretrained(folder, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+    for path in open_model(config.model, config.family).ckpt.non_weight_files():
+        if not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
+    for name, text in extra_files.items():
+        (folder / name).write_text(text)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (empty when missing)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
