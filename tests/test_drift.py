@@ -1,0 +1,155 @@
+"""DRIFT rules against hand-written formulas, and binding a prior to in-memory parameters of each family."""
+
+import math
+
+import pytest
+import torch
+
+from deltakit.drift import DriftBias, coefficients, drift_gradient, tensor_stats
+from deltakit.errors import DeltakitError, IncompatibleError
+from deltakit.tiny import build_tiny
+
+
+def reference(g: torch.Tensor, d: torch.Tensor, a: float, rule: str) -> torch.Tensor:
+    """The paper's rules written out in float64 with numpy-style explicit sums."""
+    g64, d64 = g.double(), d.double()
+    gn = math.sqrt(float((g64 * g64).sum()))
+    dn = math.sqrt(float((d64 * d64).sum()))
+    if rule == "absolute":
+        return g64 - a * d64
+    if rule == "gradnorm":
+        return g64 - a * gn * d64 / dn
+    cos = float((g64 * d64).sum()) / (gn * dn)
+    return g64 - a * (1 + cos) / 2 * gn * d64 / dn
+
+
+@pytest.mark.parametrize("rule", ["absolute", "gradnorm", "adaptive"])
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_rules_match_formula(rule, alpha):
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(7, 5, generator=gen)
+    d = torch.randn(7, 5, generator=gen) * 4
+    out = drift_gradient(g, d, alpha, rule)
+    torch.testing.assert_close(out.double(), reference(g, d, alpha, rule), rtol=1e-6, atol=1e-6)
+
+
+def test_adaptive_limits():
+    # g parallel to D: cos = 1, full pull a|g| D^; g anti-parallel: cos = -1, no pull.
+    d = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(drift_gradient(2 * d, d, 1.0, "adaptive"), 2 * d - 10 * d / 5)
+    torch.testing.assert_close(drift_gradient(-2 * d, d, 1.0, "adaptive"), -2 * d)
+
+
+def test_bf16_prior_on_float32_gradient():
+    gen = torch.Generator().manual_seed(4)
+    g, d = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen).bfloat16()
+    out = drift_gradient(g, d, 1.0, "gradnorm")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(g, d.float(), 1.0, "gradnorm"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["gradnorm", "adaptive"])
+def test_zero_gradient_or_prior_adds_nothing(rule):
+    d = torch.randn(4, 4)
+    assert torch.equal(drift_gradient(torch.zeros(4, 4), d, 1.0, rule), torch.zeros(4, 4))
+    g = torch.randn(4, 4)
+    assert torch.equal(drift_gradient(g, torch.zeros(4, 4), 1.0, rule), g)
+    assert torch.equal(drift_gradient(g, torch.zeros(4, 4), 1.0, "absolute"), g)
+
+
+@pytest.mark.parametrize("rule", ["absolute", "gradnorm", "adaptive"])
+def test_stats_summed_over_shards_equal_whole_tensor(rule):
+    # What FSDP2 does: each shard computes its partial stats, they are summed, then c is applied locally.
+    gen = torch.Generator().manual_seed(5)
+    g, d = torch.randn(9, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    parts = [(gs, ds) for gs, ds in zip(g.chunk(3), d.chunk(3))]
+    stats = sum(tensor_stats(gs, ds) for gs, ds in parts)
+    c = float(coefficients(stats, torch.tensor(0.7, dtype=torch.float64), rule))
+    sharded = torch.cat([gs - c * ds for gs, ds in parts])
+    torch.testing.assert_close(sharded.double(), reference(g, d, 0.7, rule), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_rule():
+    with pytest.raises(DeltakitError, match="unknown DRIFT rule"):
+        drift_gradient(torch.ones(2), torch.ones(2), 1.0, "median")
+
+
+class DictPrior:
+    """A prior held in a dict (the PriorSource protocol), for binding tests without files."""
+
+    def __init__(self, tensors, alphas=None):
+        self.tensors = tensors
+        self.names = list(tensors)
+        self.alphas = alphas or {}
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name, dtype=None, device=None):
+        return self.tensors[name].to(device=device or "cpu", dtype=dtype or self.tensors[name].dtype)
+
+    def alpha(self, name):
+        return self.alphas.get(name, 1.0)
+
+
+PRIOR_NAMES = ["layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight", "layers.1.mlp.down_proj.weight"]
+IN_MEMORY = {
+    "qwen2_5_vl": "model.language_model.",
+    "llava": "model.language_model.",
+    "idefics2": "model.text_model.",
+    "qwen2": "model.",
+}
+
+
+@pytest.mark.parametrize("family", list(IN_MEMORY))
+def test_bind_maps_canonical_names_to_in_memory_parameters(family, caplog):
+    model = build_tiny(family)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(6)
+    prior = DictPrior({n: torch.randn(params[IN_MEMORY[family] + n].shape, generator=gen) for n in PRIOR_NAMES},
+                      alphas={PRIOR_NAMES[2]: 0.5})
+    with caplog.at_level("INFO", logger="deltakit.drift"):
+        bias = DriftBias.bind(model, prior, rule="gradnorm", alpha=2.0)
+    assert bias.num_tensors == 3
+    assert bias.num_params == sum(params[IN_MEMORY[family] + n].numel() for n in PRIOR_NAMES)
+    assert "3 tensors" in caplog.text
+    grads = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = grads[n].clone()
+    bias.apply()
+    for n, p in params.items():
+        canonical = n[len(IN_MEMORY[family]):] if n.startswith(IN_MEMORY[family]) else None
+        if canonical in PRIOR_NAMES:
+            a = 2.0 * (0.5 if canonical == PRIOR_NAMES[2] else 1.0)
+            torch.testing.assert_close(p.grad.double(), reference(grads[n], prior.tensors[canonical], a, "gradnorm"), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(p.grad, grads[n]), n
+
+
+def test_bind_rejects_unmatched_tensor():
+    model = build_tiny("qwen2_5_vl")
+    prior = DictPrior({"layers.7.self_attn.q_proj.weight": torch.zeros(32, 32)})
+    with pytest.raises(IncompatibleError, match="layers.7.self_attn.q_proj.weight.*matches no parameter"):
+        DriftBias.bind(model, prior)
+
+
+def test_bind_rejects_shape_mismatch():
+    model = build_tiny("qwen2_5_vl")
+    prior = DictPrior({"layers.0.mlp.up_proj.weight": torch.zeros(3, 3)})
+    with pytest.raises(IncompatibleError, match=r"shape \(3, 3\).*\(64, 32\)"):
+        DriftBias.bind(model, prior)
+
+
+def test_bind_rejects_frozen_parameter():
+    model = build_tiny("qwen2_5_vl")
+    model.model.language_model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    prior = DictPrior({"layers.0.mlp.up_proj.weight": torch.zeros(64, 32)})
+    with pytest.raises(IncompatibleError, match="frozen"):
+        DriftBias.bind(model, prior)
+
+
+def test_apply_without_gradient_is_an_error():
+    model = build_tiny("qwen2")
+    bias = DriftBias.bind(model, DictPrior({"layers.0.mlp.up_proj.weight": torch.ones(64, 32)}))
+    with pytest.raises(DeltakitError, match="no gradient"):
+        bias.apply()
