@@ -9,9 +9,12 @@ step and seed, so the step is all the schedule and sampler state there is. A che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,16 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Frozen parameters are absent from the checkpoint by design; dcp.load already fails on any missing trainable one.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's notice that it runs without a process group (expected for a single-process run)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_state() -> dict[str, Any]:
@@ -44,7 +57,8 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         tmp.mkdir(parents=True)
     env.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / f"rng-{env.rank}.pt")
     env.barrier()
     if env.is_main:
@@ -73,8 +87,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     """Restore weights, optimizer and this process's RNG from ``folder``; returns its trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_OPTIONS)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_LOAD_OPTIONS)
     rng_file = folder / f"rng-{env.rank}.pt"
     if not rng_file.exists():
         raise DeltakitError(f"{folder}: no RNG state for rank {env.rank} (saved with fewer processes?)")

@@ -38,7 +38,7 @@ from deltakit.progress import ProgressFn, no_progress
 from deltakit.train import dist
 from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from deltakit.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
-from deltakit.train.setup import Plan, batches, load_data, load_model, read_jsonl, save_dtype, save_final
+from deltakit.train.setup import Plan, batches, load_data, load_model, open_prior, read_jsonl, save_dtype, save_final
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -153,17 +153,15 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
     wrapped = dist.wrap(model, env, torch.bfloat16 if bf16 and fsdp else None)
     bias = None
     if config.prior is not None:
-        from deltakit.prior import Prior
-
         prior_device = "cpu" if config.prior_device == "cpu" else None
-        bias = DriftBias.bind(model, Prior.open(config.prior), config.rule, config.alpha, family, prior_device)
+        bias = DriftBias.bind(model, open_prior(config.prior), config.rule, config.alpha, family, prior_device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     start = _start(config, plan, wrapped, optimizer, env)
     log_path = config.run_path / "log.jsonl"
     if env.is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_jsonl(log_path) if r["step"] < start] if start else []
+        kept = [r for r in read_jsonl(log_path) if r["step"] <= start] if start else []
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     log.info("%d examples, global batch %d, %d steps (%d per epoch), warmup %d, %s", plan.examples, plan.global_batch,
              plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, "DRIFT " + config.rule if bias else "plain SFT")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import transformers
 
+from deltakit.drift import PriorSource
 from deltakit.errors import DeltakitError
 from deltakit.model import map_parameters, open_model
 from deltakit.train.config import TrainConfig
@@ -69,6 +70,13 @@ def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]
     dataset = SFTDataset(load_examples(config.data), processor, max_length=config.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return dataset, lambda batch: collate(batch, pad_id), processor
+
+
+def open_prior(path: str) -> PriorSource:
+    """The DRIFT prior at ``path`` (a folder or file written by ``deltakit prior``)."""
+    from deltakit.prior import Prior
+
+    return Prior.open(path)
 
 
 @dataclass(frozen=True)
