@@ -85,16 +85,19 @@ def setup(strategy: str = "auto") -> DistEnv:
 def wrap(model: torch.nn.Module, env: DistEnv, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Put ``model`` on the device and wrap it for ``env.strategy``.
 
-    FSDP2 shards every module whose class is in the model's ``_no_split_modules`` (decoder layers,
-    vision blocks), then the root; ``param_dtype`` (bf16 on GPU) sets its mixed-precision policy, with
-    gradients reduced in float32. Parameter names are unchanged by FSDP2; DDP adds ``module.``.
+    FSDP2 shards, as its own unit, every trainable module whose class is in the model's
+    ``_no_split_modules`` (the decoder layers), then the root, which takes everything else. Frozen blocks
+    (the vision tower) stay in the root unit on purpose: a rank whose batch has no image skips the vision
+    tower, and a separately sharded block would then miss its all-gather and hang the others; the root
+    unit is gathered by every rank each step. ``param_dtype`` (bf16 on GPU) sets the mixed-precision
+    policy, with gradients reduced in float32. Parameter names are unchanged by FSDP2; DDP adds ``module.``.
     """
     if env.strategy == "fsdp":
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         blocks = set(getattr(model, "_no_split_modules", None) or ())
         mesh = dist.device_mesh.init_device_mesh(env.device.type, (env.world_size,))
         for module in model.modules():
-            if type(module).__name__ in blocks:
+            if type(module).__name__ in blocks and any(p.requires_grad for p in module.parameters()):
                 fully_shard(module, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         return model
