@@ -1,0 +1,332 @@
+"""Merge configurations: mergekit-shaped YAML plus the roles and module selection a multimodal merge needs.
+
+```yaml
+merge_method: linear            # linear | task_arithmetic | ties | dare_linear | dare_ties | layer_swap
+mllm: models/Qwen2.5-VL-7B-Instruct   # optional: the model whose layout, vision tower and files the output keeps
+models:
+  - model: models/Qwen2.5-VL-7B-Instruct
+    parameters: {weight: 0.9}
+  - model: models/DeepSeek-R1-Distill-Qwen-7B
+    parameters: {weight: 0.1}
+base_model: models/Qwen2.5-7B   # required by task_arithmetic, ties, dare_*
+parameters: {normalize: true}   # shared parameters, and defaults for per-model ones
+dtype: float32                  # compute dtype (float32 or float64)
+out_dtype: bfloat16             # dtype of the written tensors (default: the MLLM's own)
+modules: [attn, mlp]            # text-tower modules to merge; the rest is copied from the MLLM
+layer_range: [0, 28]            # merge only layers [start, end)
+seed: 0                         # DARE's random drop
+```
+
+A parameter value is a number, a list of numbers (a gradient interpolated across the layers, as in
+mergekit), or a list of ``{filter: substring, value: ...}`` entries (the first whose filter occurs in
+the tensor's canonical or on-disk name wins; an entry without filter matches everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from deltakit.errors import DeltakitError
+
+
+
+class MergeConfigError(DeltakitError):
+    """A merge configuration that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method's parameters: per-model ones and shared ones, each with its default (None = required)."""
+
+    name: str
+    needs_base: bool
+    elementwise: bool
+    model_params: dict[str, Any]
+    shared_params: dict[str, Any]
+
+
+_GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("linear", False, True, {"weight": None}, {"normalize": True}),
+        MethodSpec("task_arithmetic", True, True, {"weight": None}, {**_GTA_SHARED, "normalize": False}),
+        MethodSpec("ties", True, False, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}),
+        MethodSpec("dare_linear", True, False, {"weight": None, "density": 1.0},
+                   {**_GTA_SHARED, "normalize": False, "rescale": True}),
+        MethodSpec("dare_ties", True, False, {"weight": None, "density": 1.0},
+                   {**_GTA_SHARED, "normalize": False, "rescale": True}),
+        MethodSpec("layer_swap", False, True, {"weight": None}, {"keep_layers": 5, "normalize": True}),
+    )
+}
+MODULE_NAMES = ("attn", "mlp", "norm", "embed", "lm_head")
+MODULE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+DEFAULT_MODULES = ("attn", "mlp")
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+_TOP_KEYS = ("merge_method", "mllm", "models", "base_model", "parameters", "dtype", "out_dtype", "modules",
+             "layer_range", "seed")
+
+
+@dataclass
+class ModelEntry:
+    """One input model: its path, its own parameters and (optionally) its family when detection fails."""
+
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    family: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model}
+        if self.parameters:
+            out["parameters"] = dict(self.parameters)
+        if self.family:
+            out["family"] = self.family
+        return out
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge recipe (build with :meth:`from_yaml`, :meth:`from_dict` or :meth:`simple`)."""
+
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: ModelEntry | None = None
+    mllm: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    layer_range: tuple[int, int] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.modules = tuple(self.modules)
+        if self.layer_range is not None:
+            self.layer_range = tuple(self.layer_range)
+        self.validate()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "MergeConfig":
+        """Read a YAML recipe; any problem is a :class:`MergeConfigError` naming the file."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise MergeConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise MergeConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        try:
+            return cls.from_dict(data)
+        except MergeConfigError as exc:
+            raise MergeConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MergeConfig":
+        """Build from a parsed mergekit-shaped mapping (see the module docstring)."""
+        if not isinstance(data, dict):
+            raise MergeConfigError("a merge config must be a mapping")
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise MergeConfigError(f"unknown key {unknown[0]!r} (known: {', '.join(_TOP_KEYS)})")
+        if "merge_method" not in data:
+            raise MergeConfigError("no merge_method given")
+        models = data.get("models")
+        if not isinstance(models, list) or not models:
+            raise MergeConfigError("models: must be a non-empty list")
+        base = data.get("base_model")
+        layer_range = data.get("layer_range")
+        if layer_range is not None and (not isinstance(layer_range, list) or len(layer_range) != 2
+                                        or not all(isinstance(v, int) for v in layer_range)):
+            raise MergeConfigError(f"layer_range must be [start, end] (integers), got {layer_range!r}")
+        modules = data.get("modules", list(DEFAULT_MODULES))
+        if isinstance(modules, str):
+            modules = [modules]
+        return cls(
+            merge_method=str(data["merge_method"]),
+            models=[_model_entry(m) for m in models],
+            base_model=_model_entry(base) if base is not None else None,
+            mllm=data.get("mllm"),
+            parameters=dict(data.get("parameters") or {}),
+            dtype=str(data.get("dtype", "float32")),
+            out_dtype=data.get("out_dtype"),
+            modules=tuple(modules),
+            layer_range=tuple(layer_range) if layer_range is not None else None,
+            seed=data.get("seed", 0),
+        )
+
+    @classmethod
+    def simple(cls, mllm: str, llm: str, method: str = "linear", alpha: float = 0.9, base: str | None = None,
+               density: float | None = None, lambda_: float | None = None, keep_layers: int | None = None,
+               modules: tuple[str, ...] = DEFAULT_MODULES, layer_range: tuple[int, int] | None = None,
+               out_dtype: str | None = None, seed: int = 0) -> "MergeConfig":
+        """The two-model case: the MLLM weighted ``alpha``, the LLM ``1 - alpha`` (BR2V linear with 0.9 by default)."""
+        shared: dict[str, Any] = {}
+        if density is not None:
+            shared["density"] = density
+        if lambda_ is not None:
+            shared["lambda"] = lambda_
+        if keep_layers is not None:
+            shared["keep_layers"] = keep_layers
+        return cls(
+            merge_method=method,
+            models=[ModelEntry(mllm, {"weight": alpha}), ModelEntry(llm, {"weight": round(1.0 - alpha, 12)})],
+            base_model=ModelEntry(base) if base else None,
+            mllm=mllm,
+            parameters=shared,
+            out_dtype=out_dtype,
+            modules=modules,
+            layer_range=layer_range,
+            seed=seed,
+        )
+
+    # -- validation -----------------------------------------------------------------------------
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.merge_method]
+
+    @property
+    def non_base(self) -> list[ModelEntry]:
+        """The models that contribute deltas or weights (the base is skipped if also listed, as in mergekit)."""
+        if self.base_model is None or not self.spec.needs_base:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model.model]
+
+    def validate(self) -> None:
+        """Raise :class:`MergeConfigError` for anything that cannot run; log warnings for suspicious values."""
+        if self.merge_method not in METHODS:
+            raise MergeConfigError(f"unknown merge_method {self.merge_method!r}; known: {', '.join(METHODS)}")
+        spec = self.spec
+        if spec.needs_base and self.base_model is None:
+            raise MergeConfigError(f"merge_method {spec.name} needs a base_model (the common ancestor the deltas are taken from)")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise MergeConfigError(f"dtype {self.dtype!r} not supported for computing; use one of {', '.join(COMPUTE_DTYPES)}")
+        if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
+            raise MergeConfigError(f"out_dtype {self.out_dtype!r} not supported; use one of {', '.join(OUT_DTYPES)}")
+        bad = [m for m in self.modules if m not in MODULE_NAMES + MODULE_KINDS]
+        if bad or not self.modules:
+            raise MergeConfigError(f"unknown module {bad[0] if bad else '(none)'!r}; choose from {', '.join(MODULE_NAMES + MODULE_KINDS)}")
+        if self.layer_range is not None and not (0 <= self.layer_range[0] < self.layer_range[1]):
+            raise MergeConfigError(f"layer_range {list(self.layer_range)} is empty or negative")
+        if not isinstance(self.seed, int):
+            raise MergeConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not self.non_base:
+            raise MergeConfigError("no model to merge besides the base_model")
+        paths = [m.model for m in self.models]
+        if self.mllm is not None and self.mllm not in paths:
+            raise MergeConfigError(f"mllm {self.mllm!r} is not one of the models")
+        if spec.name == "layer_swap" and self.mllm is None and len(self.models) < 2:
+            raise MergeConfigError("layer_swap needs the MLLM and at least one other model")
+        allowed = set(spec.shared_params) | set(spec.model_params)
+        for name, setting in self.parameters.items():
+            if name not in allowed:
+                raise MergeConfigError(f"unknown parameter {name!r} for {spec.name}; known: {', '.join(sorted(allowed))}")
+            check_setting(name, setting)
+        for m in self.models:
+            for name, setting in m.parameters.items():
+                if name not in spec.model_params:
+                    known = ", ".join(spec.model_params)
+                    raise MergeConfigError(f"unknown per-model parameter {name!r} for {spec.name} on {m.model}; known: {known}")
+                check_setting(name, setting)
+        for m in self.non_base:
+            for name, default in spec.model_params.items():
+                if default is None and name not in m.parameters and name not in self.parameters:
+                    raise MergeConfigError(f"model {m.model} has no {name!r} (set it under its parameters: or the shared parameters:)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain mapping, in the YAML shape (what :meth:`from_dict` reads)."""
+        out: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.mllm:
+            out["mllm"] = self.mllm
+        out["models"] = [m.to_dict() for m in self.models]
+        if self.base_model is not None:
+            out["base_model"] = self.base_model.to_dict() if self.base_model.family else self.base_model.model
+        if self.parameters:
+            out["parameters"] = dict(self.parameters)
+        out["dtype"] = self.dtype
+        if self.out_dtype:
+            out["out_dtype"] = self.out_dtype
+        out["modules"] = list(self.modules)
+        if self.layer_range is not None:
+            out["layer_range"] = list(self.layer_range)
+        out["seed"] = self.seed
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _model_entry(item: Any) -> ModelEntry:
+    if isinstance(item, str):
+        return ModelEntry(item)
+    if isinstance(item, dict) and "model" in item:
+        extra = sorted(set(item) - {"model", "parameters", "family"})
+        if extra:
+            raise MergeConfigError(f"unknown key {extra[0]!r} in model entry {item['model']!r} (known: model, parameters, family)")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise MergeConfigError(f"parameters of {item['model']!r} must be a mapping")
+        return ModelEntry(str(item["model"]), dict(params), item.get("family"))
+    raise MergeConfigError(f"a model entry must be a path or a mapping with 'model:', got {item!r}")
+
+
+def _scalars(name: str, setting: Any) -> list[Any]:
+    """Every scalar in a parameter setting, checking its shape (scalar, gradient list, or filter list)."""
+    if isinstance(setting, (bool, int, float)):
+        return [setting]
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting:
+        if all(isinstance(v, (bool, int, float)) for v in setting):
+            return list(setting)
+        if all(isinstance(v, dict) for v in setting):
+            out = []
+            for entry in setting:
+                extra = set(entry) - {"filter", "value"}
+                if "value" not in entry or extra:
+                    raise MergeConfigError(f"parameter {name!r}: a filter entry needs 'value' (and optionally 'filter'), got {entry!r}")
+                out += _scalars(name, entry["value"])
+            return out
+    raise MergeConfigError(f"parameter {name!r}: expected a number, a list of numbers, or a list of {{filter, value}}, got {setting!r}")
+
+
+def check_setting(name: str, setting: Any) -> None:
+    """Validate the types and ranges of one parameter setting."""
+    for v in _scalars(name, setting):
+        if name in _BOOL_PARAMS:
+            if not isinstance(v, bool):
+                raise MergeConfigError(f"parameter {name!r} must be true or false, got {v!r}")
+        elif isinstance(v, bool):
+            raise MergeConfigError(f"parameter {name!r} must be a number, got {v!r}")
+        elif name == "density" and not 0 < v <= 1:
+            raise MergeConfigError(f"density must be in (0, 1], got {v!r}")
+        elif name == "keep_layers" and (not isinstance(v, int) or v < 0):
+            raise MergeConfigError(f"keep_layers must be a non-negative integer, got {v!r}")
+
+
+def evaluate_setting(setting: Any, names: tuple[str, ...], t: float) -> Any:
+    """The value of a setting for a tensor known by ``names`` at relative depth ``t`` in [0, 1] (mergekit semantics)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(v, dict) for v in setting):
+        for entry in setting:
+            f = entry.get("filter")
+            if f is None or f == "*" or any(f in n for n in names):
+                return evaluate_setting(entry["value"], names, t)
+        return None
+    if any(isinstance(v, bool) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]

@@ -1,0 +1,224 @@
+"""Running a merge plan: stream every output tensor through a thread pool into an atomic sharded output.
+
+Work is cut into units (a row block of one tensor; a whole tensor for the sparsifying methods, whose
+magnitude top-k and random drop are defined per tensor). Each unit reads its rows from the memory-mapped
+inputs, computes in the compute dtype, casts, writes with ``pwrite`` at the tensor's fixed offset and
+drops the input pages again, so reads, compute and writes of different units overlap across threads and
+resident memory stays at a few row blocks per thread. Copies move raw bytes (no dtype round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltakit import __version__
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
+from deltakit.merge.config import MergeConfig
+from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
+from deltakit.progress import ProgressFn, no_progress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+REPORT_NAME = "merge_report.json"
+CARD_NAME = "README.md"
+_SKIP_FILES = (REPORT_NAME, CARD_NAME)
+
+
+@dataclass
+class TensorAction:
+    """What was done to one output tensor."""
+
+    key: str
+    canonical: str | None
+    action: str
+    dtype: str
+    shape: list[int]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeReport:
+    """The result of :func:`merge` (also written to ``merge_report.json`` in the output folder)."""
+
+    out: Path
+    method: str
+    mllm: str
+    inputs: list[dict[str, Any]]
+    config: dict[str, Any]
+    tensors: list[TensorAction]
+    warnings: list[str]
+    notes: list[str]
+    seconds: float
+    bytes_written: int
+    deltakit_version: str = __version__
+
+    @property
+    def merged(self) -> int:
+        return sum(1 for t in self.tensors if t.action != "copied")
+
+    @property
+    def copied(self) -> int:
+        return sum(1 for t in self.tensors if t.action == "copied")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "method": self.method, "mllm": self.mllm, "inputs": self.inputs,
+            "config": self.config, "merged": self.merged, "copied": self.copied, "warnings": self.warnings,
+            "notes": self.notes, "seconds": round(self.seconds, 3), "bytes_written": self.bytes_written,
+            "deltakit_version": self.deltakit_version,
+            "tensors": [t.__dict__ for t in self.tensors],
+        }
+
+
+def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+          progress: ProgressFn = no_progress, threads: int | None = None,
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergeReport:
+    """Merge the text towers of ``config``'s models into a copy of the MLLM written to ``out``.
+
+    ``config`` is a :class:`MergeConfig` or the path of a YAML recipe. The output folder has the MLLM's
+    keys, layout and non-weight files (config, tokenizer, processor, chat template), sharded safetensors
+    with an index, ``merge_report.json`` and a ``README.md`` model card; it appears only when complete.
+    Raises :class:`deltakit.errors.DeltakitError` subclasses for bad input.
+    """
+    if not isinstance(config, MergeConfig):
+        config = MergeConfig.from_yaml(config)
+    out = check_output_free(out, force)
+    start = time.perf_counter()
+    plan = plan_merge(config)
+    try:
+        for w in plan.warnings:
+            log.warning(w)
+        specs = [TensorSpec(j.key, j.out_dtype, j.shape) for j in plan.jobs]
+        with atomic_output_dir(out, overwrite=force) as tmp:
+            with ShardedWriter(tmp, specs, max_shard_bytes, metadata={"merged_by": f"deltakit {__version__}"}) as writer:
+                _execute(plan, writer, threads or os.cpu_count() or 1, chunk_elements, progress)
+            _copy_files(plan, tmp)
+            report = _report(plan, out, time.perf_counter() - start, sum(s.nbytes for s in specs))
+            (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            (tmp / CARD_NAME).write_text(model_card(report, config))
+    finally:
+        plan.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _units(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[tuple[int, int, bool]]:
+    """``(row_start, row_stop, merge?)`` blocks covering the tensor."""
+    n = job.shape[0] if job.shape else 1
+    per_row = max(1, job.nbytes // max(n, 1) // job.out_dtype.itemsize)
+    step = max(1, chunk_elements // per_row)
+    merged_rows = job.rows if job.merged else 0
+    blocks = [(0, merged_rows, True)] if merged_rows and not plan.elementwise else [
+        (a, min(a + step, merged_rows), True) for a in range(0, merged_rows, step)]
+    return blocks + [(a, min(a + step, n), False) for a in range(merged_rows, n, step)]
+
+
+def _run_unit(plan: MergePlan, writer: ShardedWriter, job: TensorJob, a: int, b: int, do_merge: bool) -> int:
+    mllm = plan.mllm.ckpt
+    if not job.shape:
+        writer.write(job.key, mllm.get(job.key).to(job.out_dtype))
+        return job.nbytes
+    if do_merge:
+        cd = plan.compute_dtype
+        tensors = [m.ckpt.rows(k, a, b).to(cd) for m, k in job.sources]
+        base = job.base[0].ckpt.rows(job.base[1], a, b).to(cd) if job.base else None
+        result = job.compute(base, tensors)
+        writer.write_rows(job.key, a, result.to(job.out_dtype))
+        for m, k in job.sources + ([job.base] if job.base else []):
+            m.ckpt.release(k, a, b)
+    else:
+        rows = mllm.rows(job.key, a, b)
+        writer.write_rows(job.key, a, rows if rows.dtype == job.out_dtype else rows.to(job.out_dtype))
+        mllm.release(job.key, a, b)
+    return (b - a) * (job.nbytes // job.shape[0]) if job.shape[0] else 0
+
+
+def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_elements: int, progress: ProgressFn) -> None:
+    units: list[Callable[[], int]] = []
+    for job in plan.jobs:
+        for a, b, do_merge in _units(job, plan, chunk_elements):
+            units.append(lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m))
+    progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
+    try:
+        pending = {pool.submit(u) for u in units}
+        while pending:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            for f in done:
+                progress(f.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_files(plan: MergePlan, folder: Path) -> None:
+    """Copy the MLLM's config, generation config, tokenizer, processor and template files; fix the dtype if changed."""
+    for f in plan.mllm.ckpt.non_weight_files():
+        if f.name not in _SKIP_FILES:
+            shutil.copy2(f, folder / f.name)
+    if plan.config.out_dtype and (folder / "config.json").exists():
+        cfg = json.loads((folder / "config.json").read_text())
+        for section in (cfg, cfg.get("text_config")):
+            for k in ("torch_dtype", "dtype"):
+                if isinstance(section, dict) and k in section:
+                    section[k] = plan.config.out_dtype
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _report(plan: MergePlan, out: Path, seconds: float, nbytes: int) -> MergeReport:
+    tensors = []
+    for j in plan.jobs:
+        if not j.merged:
+            action = "copied"
+        elif j.rows < j.shape[0]:
+            action = f"merged rows [0, {j.rows}), rest copied"
+        else:
+            action = "merged"
+        params = {k: v for k, v in j.params.items()} if j.merged else {}
+        tensors.append(TensorAction(j.key, j.canonical, action, str(j.out_dtype).removeprefix("torch."), list(j.shape), params))
+    roles = {}
+    cfg = plan.config
+    for m in cfg.models:
+        roles.setdefault(m.model, "model")
+    if cfg.spec.needs_base:
+        roles[cfg.base_model.model] = "base" if cfg.base_model.model not in roles else "model+base"
+    mllm_path = str(plan.mllm.path)
+    inputs = [{"path": p, "family": plan.inputs[p].family.name, "role": r + ("+mllm" if str(plan.inputs[p].path) == mllm_path else "")}
+              for p, r in roles.items()]
+    return MergeReport(out, cfg.merge_method, mllm_path, inputs, cfg.to_dict(), tensors, list(plan.warnings),
+                       list(plan.notes), seconds, nbytes)
+
+
+def model_card(report: MergeReport, config: MergeConfig) -> str:
+    """A README.md model card: what was merged, how, and the exact config."""
+    lines = [
+        f"# {report.out.name}",
+        "",
+        f"Merged with `deltakit merge` (deltakit {report.deltakit_version}), method **{report.method}**.",
+        f"The output keeps the layout, vision tower, projector and non-weight files of `{report.mllm}`;",
+        f"{report.merged} text-tower tensors were merged and {report.copied} copied byte for byte.",
+        "",
+        "## Inputs",
+        "",
+        *[f"- `{i['path']}` ({i['family']}, {i['role']})" for i in report.inputs],
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        config.to_yaml().rstrip(),
+        "```",
+    ]
+    if report.warnings or report.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report.warnings + report.notes]]
+    return "\n".join(lines) + "\n"
