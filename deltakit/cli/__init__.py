@@ -15,6 +15,7 @@ from deltakit.errors import DeltakitError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "merge",
+    "finetune",
 )
 
 

@@ -144,6 +144,7 @@ def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
 def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainResult:
     check_output_free(config.out, config.force)
     started = time.perf_counter()
+    prior = open_prior(config.prior) if config.prior is not None else None
     torch.manual_seed(config.seed)
     model, family = load_model(config)
     dataset, collate, _ = load_data(config)
@@ -152,9 +153,9 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
     fsdp = env.strategy == "fsdp"
     wrapped = dist.wrap(model, env, torch.bfloat16 if bf16 and fsdp else None)
     bias = None
-    if config.prior is not None:
+    if prior is not None:
         prior_device = "cpu" if config.prior_device == "cpu" else None
-        bias = DriftBias.bind(model, open_prior(config.prior), config.rule, config.alpha, family, prior_device)
+        bias = DriftBias.bind(model, prior, config.rule, config.alpha, family, prior_device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     start = _start(config, plan, wrapped, optimizer, env)

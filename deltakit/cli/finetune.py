@@ -1,0 +1,74 @@
+"""``deltakit finetune``: SFT of an MLLM, with the DRIFT gradient bias when a prior is given."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from deltakit.cli._common import console, json_option, progress_bar, write_json
+from deltakit.drift import RULES
+from deltakit.train import TrainConfig, finetune
+from deltakit.train.config import FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES
+
+
+def _opt(*names: str, **kw):
+    return click.option(*names, default=None, show_default=False, **kw)
+
+
+@click.command("finetune")
+@_opt("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+      help="YAML file with any of the options below (keys are the option names with underscores); flags override it.")
+@_opt("--model", help="The MLLM folder (Hugging Face format) to fine-tune.")
+@_opt("--data", help="Training JSONL (sharegpt `messages` + `images`, or typed content); images relative to it.")
+@_opt("--out", help="Output folder: the fine-tuned model in its own format, with processor files and the log.")
+@_opt("--prior", help="DRIFT prior from `deltakit prior`; without it the run is plain SFT.")
+@_opt("--rule", type=click.Choice(RULES), help="DRIFT rule [adaptive].")
+@_opt("--alpha", type=float, help="DRIFT strength a (0 = plain SFT, bit for bit) [1.0].")
+@_opt("--prior-device", type=click.Choice(["auto", "cpu"]), help="Keep D on the training device (auto) or in CPU memory [auto].")
+@_opt("--epochs", type=int, help="Epochs [3].")
+@_opt("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
+@_opt("--lr", type=float, help="Peak learning rate [1e-6].")
+@_opt("--batch-size", type=int, help="Examples per micro-batch and process [1].")
+@_opt("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
+@_opt("--warmup-ratio", type=float, help="Fraction of steps of linear warmup before the cosine decay [0.05].")
+@_opt("--weight-decay", type=float, help="AdamW weight decay [0].")
+@_opt("--adam-betas", help="AdamW betas as 'b1,b2' [0.9,0.999].")
+@_opt("--adam-eps", type=float, help="AdamW epsilon [1e-8].")
+@_opt("--max-grad-norm", type=float, help="Clip the data gradient to this norm, 0 to disable [1.0].")
+@_opt("--max-length", type=int, help="Truncate examples to this many tokens.")
+@_opt("--precision", type=click.Choice(PRECISIONS), help="auto = bf16 on a GPU that has it, else fp32 [auto].")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in backward [off].")
+@_opt("--freeze", help=f"Comma-separated roles to freeze, from {', '.join(FREEZABLE)}; '' freezes nothing [vision,projector].")
+@_opt("--strategy", type=click.Choice(STRATEGIES), help="Multi-process strategy under torchrun: ddp or fsdp (FSDP2) [auto = ddp].")
+@_opt("--seed", type=int, help="Seed of initialisation-free randomness and the data order [0].")
+@_opt("--save-every", type=int, help="Save a resumable checkpoint every N steps, 0 = never [0].")
+@_opt("--keep-checkpoints", type=int, help="Keep the newest N checkpoints [2].")
+@_opt("--save-dtype", type=click.Choice(SAVE_DTYPES), help="dtype of the saved weights; auto = the base model's [auto].")
+@_opt("--family", help="Override the detected model family.")
+@_opt("--run-dir", help="Folder for checkpoints and the live log [OUT.run].")
+@_opt("--log-every", type=int, help="Write every N-th step to the JSONL log [1].")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in the run folder.")
+@click.option("--force", is_flag=True, default=None, help="Replace an existing output and discard old checkpoints.")
+@json_option
+def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
+    """Fine-tune an MLLM (full SFT, vision tower frozen); with --prior, bias each step toward the reasoning model (DRIFT).
+
+    Multi-GPU: torchrun --nproc-per-node N -m deltakit finetune ... [--strategy fsdp].
+    """
+    config = TrainConfig.load(config_file, **flags)
+    with progress_bar() as progress:
+        result = finetune(config, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("output", str(result.out))
+    table.add_row("steps", f"{result.steps} (global batch {result.global_batch}" + (f", resumed at {result.resumed_from})" if result.resumed_from else ")"))
+    table.add_row("final loss", f"{result.final_loss:.4f}")
+    table.add_row("DRIFT", f"{config.rule}, alpha {config.alpha:g}: {result.drift_tensors} tensors, {result.drift_params:,} parameters"
+                  if config.prior else "off (plain SFT)")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    console.print(table)
+    write_json(json_path, result)
