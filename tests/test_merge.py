@@ -1,0 +1,336 @@
+"""deltakit merge: every method against formulas written here, the output's layout, a forward pass, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from deltakit.cli import main
+from deltakit.errors import DeltakitError
+from deltakit.merge import MergeConfig, MergeConfigError, merge
+from deltakit.merge.methods import dare_linear, dare_ties, linear, magnitude_mask, task_arithmetic, ties
+from deltakit.merge.plan import dare_seed
+from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
+
+LAYERS = 4
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Qwen2.5-VL (4 text layers), two partner LLMs (the 'reasoning' model and a 'base')."""
+    root = tmp_path_factory.mktemp("merge")
+    vl = save_tiny("qwen2_5_vl", root / "vl", layers=LAYERS)
+    llm = save_partner_llm(vl, root / "llm", noise=0.5, seed=1)
+    base = save_partner_llm(vl, root / "base", noise=0.2, seed=2)
+    return {"root": root, "vl": vl, "llm": llm, "base": base}
+
+
+@pytest.fixture(scope="module")
+def tensors(pair) -> dict[str, dict[str, torch.Tensor]]:
+    return {k: _load(pair[k]) for k in ("vl", "llm", "base")}
+
+
+
+
+# ---------------------------------------------------------------------------------------------- pure methods
+def _rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def test_linear_and_task_arithmetic_formulas():
+    a, b, c = _rand(5, 7, seed=1), _rand(5, 7, seed=2), _rand(5, 7, seed=3)
+    torch.testing.assert_close(linear([a, b], [0.9, 0.1]), 0.9 * a + 0.1 * b)
+    torch.testing.assert_close(linear([a, b], [3.0, 1.0]), (3 * a + b) / 4)
+    torch.testing.assert_close(linear([a, b], [0.6, 0.6], normalize=False), 0.6 * a + 0.6 * b)
+    got = task_arithmetic(c, [a, b], [0.7, 0.4], lambda_=0.5)
+    torch.testing.assert_close(got, c + 0.5 * (0.7 * (a - c) + 0.4 * (b - c)))
+    got = task_arithmetic(c, [a, b], [0.7, 0.4], normalize=True)
+    torch.testing.assert_close(got, c + (0.7 * (a - c) + 0.4 * (b - c)) / 1.1)
+
+
+def _ties_reference(base, xs, weights, densities, lam=1.0, normalize=True):
+    """TIES written out with numpy: top-k by |delta| (argsort), sign of the weighted sum, disjoint mean."""
+    base = base.numpy().astype(np.float64)
+    deltas = []
+    for x, w, rho in zip(xs, weights, densities):
+        d = x.numpy().astype(np.float64) - base
+        k = max(1, int(rho * d.size))
+        keep = np.zeros(d.size, bool)
+        keep[np.argsort(-np.abs(d).ravel(), kind="stable")[:k]] = True
+        deltas.append(w * d * keep.reshape(d.shape))
+    total = sum(deltas)
+    sign = np.where(total >= 0, 1.0, -1.0)
+    agree = [np.sign(d) == sign for d in deltas]
+    mixed = sum(d * m for d, m in zip(deltas, agree))
+    div = sum(w * m for w, m in zip(weights, agree))
+    div[div == 0] = 1
+    if normalize:
+        mixed = mixed / div
+    return torch.from_numpy(base + lam * mixed).float()
+
+
+def test_ties_formula():
+    base, a, b = _rand(16, 9, seed=4), _rand(16, 9, seed=5), _rand(16, 9, seed=6)
+    got = ties(base, [a, b], [0.7, 0.4], [0.5, 0.2], lambda_=0.9)
+    torch.testing.assert_close(got, _ties_reference(base, [a, b], [0.7, 0.4], [0.5, 0.2], 0.9), atol=1e-5, rtol=1e-5)
+    got = ties(base, [a, b], [1.0, 1.0], [0.3, 0.3], normalize=False)
+    torch.testing.assert_close(got, _ties_reference(base, [a, b], [1.0, 1.0], [0.3, 0.3], normalize=False), atol=1e-5, rtol=1e-5)
+
+
+def test_magnitude_mask_keeps_exactly_k_with_ties_in_row_major_order():
+    d = torch.tensor([[3.0, -1.0, 1.0], [1.0, -2.0, 0.5]])
+    m = magnitude_mask(d, 0.5)  # k = 3: 3, -2 and the first of the three |1|
+    assert m.tolist() == [[True, True, False], [False, True, False]]
+    assert int(magnitude_mask(_rand(10, 10), 0.2).sum()) == 20
+
+
+def test_dare_formulas_with_documented_seeded_mask():
+    base, a, b = _rand(64, 32, seed=7), _rand(64, 32, seed=8), _rand(64, 32, seed=9)
+    seeds = [11, 12]
+    masks = []
+    for s, rho in zip(seeds, (0.3, 0.6)):
+        g = torch.Generator().manual_seed(s)
+        masks.append(torch.rand(64, 32, generator=g) < rho)
+    da = (a - base) * masks[0] / 0.3
+    db = (b - base) * masks[1] / 0.6
+    got = dare_linear(base, [a, b], [0.5, 0.8], [0.3, 0.6], seeds, lambda_=0.7)
+    torch.testing.assert_close(got, base + 0.7 * (0.5 * da + 0.8 * db), atol=1e-5, rtol=1e-5)
+    wa, wb = 0.5 * da, 0.8 * db
+    sign = torch.where(wa + wb >= 0, 1.0, -1.0)
+    ka, kb = torch.sign(wa) == sign, torch.sign(wb) == sign
+    got = dare_ties(base, [a, b], [0.5, 0.8], [0.3, 0.6], seeds, normalize=True)
+    div = 0.5 * ka + 0.8 * kb
+    div[div == 0] = 1
+    torch.testing.assert_close(got, base + (wa * ka + wb * kb) / div, atol=1e-5, rtol=1e-5)
+    assert abs(masks[0].float().mean().item() - 0.3) < 0.03  # the drop rate is the density's complement
+
+
+# ---------------------------------------------------------------------------------------------- whole merges
+def _vision_keys(t: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in t if k.startswith("visual.")]
+
+
+def test_linear_br2v_output_layout_copies_and_forward_pass(pair, tensors):
+    out = pair["root"] / "br2v"
+    report = merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), alpha=0.9), out, max_shard_bytes=40_000)
+    vl, llm = tensors["vl"], tensors["llm"]
+    got = _load(out)
+    assert list(got) == list(vl) or set(got) == set(vl)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(vl)
+    merged = [k for k in vl if k.startswith("model.layers.") and (".self_attn." in k or ".mlp." in k)]
+    assert len(merged) == 10 * LAYERS  # q,k,v,o weights + q,k,v biases + gate,up,down
+    for k in merged:
+        torch.testing.assert_close(got[k], 0.9 * vl[k] + 0.1 * llm[k], atol=1e-6, rtol=1e-6)
+        assert not torch.equal(got[k], vl[k])
+    for k in set(vl) - set(merged):  # vision, projector, norms, embeddings, lm_head: bit-for-bit
+        assert torch.equal(got[k].view(torch.uint8), vl[k].view(torch.uint8)), k
+    assert len(_vision_keys(vl)) >= 20
+    for name in ("config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (pair["vl"] / name).read_bytes()
+    rep = json.loads((out / "merge_report.json").read_text())
+    actions = {t["key"]: t["action"] for t in rep["tensors"]}
+    assert actions["visual.blocks.0.attn.qkv.weight"] == "copied" and actions[merged[0]] == "merged"
+    assert rep["config"]["models"][0]["parameters"]["weight"] == 0.9 and report.merged == len(merged)
+    card = (out / "README.md").read_text()
+    assert "merge_method: linear" in card and "weight: 0.1" in card
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    torch.testing.assert_close(model.model.language_model.layers[1].mlp.up_proj.weight.detach(),
+                               got["model.layers.1.mlp.up_proj.weight"])
+    image = SPECIAL["image"]
+    ids = torch.tensor([[SPECIAL["im_start"], 17, SPECIAL["vision_start"], image, image, image, image,
+                         SPECIAL["vision_end"], 42, 99, SPECIAL["im_end"]]])
+    pixel_values = torch.randn(16, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                       image_grid_thw=torch.tensor([[1, 4, 4]])).logits
+    assert logits.shape == (1, ids.shape[1], 512) and torch.isfinite(logits).all()
+
+
+def test_task_arithmetic_all_modules_with_gradient_and_filter(pair, tensors):
+    cfg = MergeConfig.from_dict({
+        "merge_method": "task_arithmetic",
+        "mllm": str(pair["vl"]),
+        "base_model": str(pair["base"]),
+        "models": [
+            {"model": str(pair["vl"]), "parameters": {"weight": [{"filter": "self_attn", "value": [1.0, 0.0]}, {"value": 0.6}]}},
+            {"model": str(pair["llm"]), "parameters": {"weight": 0.3}},
+        ],
+        "parameters": {"lambda": 0.8},
+        "modules": ["attn", "mlp", "norm", "embed", "lm_head"],
+    })
+    out = pair["root"] / "ta"
+    merge(cfg, out)
+    vl, llm, base, got = tensors["vl"], tensors["llm"], tensors["base"], _load(out)
+    for k in vl:
+        if k.startswith("visual."):
+            assert torch.equal(got[k], vl[k])
+            continue
+        layer = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+        w = 1.0 - layer / (LAYERS - 1) if layer is not None and "self_attn" in k else 0.6
+        want = base[k] + 0.8 * (w * (vl[k] - base[k]) + 0.3 * (llm[k] - base[k]))
+        torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-5)
+
+
+def test_ties_and_dare_on_checkpoints(pair, tensors):
+    vl, llm, base = tensors["vl"], tensors["llm"], tensors["base"]
+    common = {"mllm": str(pair["vl"]), "base_model": str(pair["base"]), "seed": 3,
+              "models": [{"model": str(pair["vl"]), "parameters": {"weight": 0.6}},
+                         {"model": str(pair["llm"]), "parameters": {"weight": 0.4}}],
+              "parameters": {"density": 0.3}}
+    merge(MergeConfig.from_dict({**common, "merge_method": "ties"}), pair["root"] / "ties")
+    merge(MergeConfig.from_dict({**common, "merge_method": "dare_linear"}), pair["root"] / "dare")
+    got_t, got_d = _load(pair["root"] / "ties"), _load(pair["root"] / "dare")
+    k = "model.layers.2.mlp.down_proj.weight"
+    want = _ties_reference(base[k], [vl[k], llm[k]], [0.6, 0.4], [0.3, 0.3])
+    torch.testing.assert_close(got_t[k], want, atol=1e-5, rtol=1e-5)
+    masks = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(dare_seed(3, "layers.2.mlp.down_proj.weight", i))
+        masks.append(torch.rand(vl[k].shape, generator=g) < 0.3)
+    want = base[k] + 0.6 * (vl[k] - base[k]) * masks[0] / 0.3 + 0.4 * (llm[k] - base[k]) * masks[1] / 0.3
+    torch.testing.assert_close(got_d[k], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_t["model.norm.weight"], vl["model.norm.weight"])
+
+
+def test_layer_swap_keeps_first_layers_and_layer_range(pair, tensors):
+    vl, llm = tensors["vl"], tensors["llm"]
+    merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), method="layer_swap", alpha=0.9, keep_layers=2),
+          pair["root"] / "swap")
+    merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), alpha=0.5, modules=("mlp.down", "norm"), layer_range=(1, 3)),
+          pair["root"] / "range")
+    swap, rng = _load(pair["root"] / "swap"), _load(pair["root"] / "range")
+    for i in range(LAYERS):
+        k = f"model.layers.{i}.self_attn.q_proj.weight"
+        want = vl[k] if i < 2 else 0.9 * vl[k] + 0.1 * llm[k]
+        torch.testing.assert_close(swap[k], want, atol=1e-6, rtol=1e-6)
+        for name in ("mlp.down_proj.weight", "input_layernorm.weight", "mlp.up_proj.weight"):
+            k = f"model.layers.{i}.{name}"
+            picked = 1 <= i < 3 and "up_proj" not in name
+            torch.testing.assert_close(rng[k], 0.5 * vl[k] + 0.5 * llm[k] if picked else vl[k], atol=1e-6, rtol=1e-6)
+    k = "model.norm.weight"  # outside the layers: follows the module selection only
+    torch.testing.assert_close(rng[k], 0.5 * vl[k] + 0.5 * llm[k])
+
+
+def test_vocab_mismatch_merges_overlapping_rows_only(pair, tensors):
+    small = pair["root"] / "llm_small_vocab"
+    small.mkdir()
+    llm = dict(tensors["llm"])
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        llm[k] = llm[k][:480].clone()
+    save_file(llm, small / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((pair["llm"] / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**cfg, "vocab_size": 480}))
+    out = pair["root"] / "vocab"
+    report = merge(MergeConfig.simple(str(pair["vl"]), str(small), alpha=0.75, modules=("embed", "lm_head")), out)
+    got, vl = _load(out), tensors["vl"]
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(got[k][:480], 0.75 * vl[k][:480] + 0.25 * llm[k])
+        assert torch.equal(got[k][480:], vl[k][480:])
+    assert any("vocab sizes differ" in n for n in report.notes)
+
+
+def test_out_dtype_and_weight_sum_warning(pair, tensors, caplog):
+    cfg = MergeConfig.from_dict({"merge_method": "linear", "mllm": str(pair["vl"]), "out_dtype": "bfloat16",
+                                 "models": [{"model": str(pair["vl"]), "parameters": {"weight": 0.9}},
+                                            {"model": str(pair["llm"]), "parameters": {"weight": 0.3}}]})
+    with caplog.at_level(logging.WARNING):
+        report = merge(cfg, pair["root"] / "bf16")
+    assert any("sum to 1.2" in w for w in report.warnings) and "sum to 1.2" in caplog.text
+    got, vl, llm = _load(pair["root"] / "bf16"), tensors["vl"], tensors["llm"]
+    k = "model.layers.0.mlp.gate_proj.weight"
+    assert got[k].dtype == torch.bfloat16
+    assert torch.equal(got[k], ((0.9 * vl[k] + 0.3 * llm[k]) / 1.2).to(torch.bfloat16))
+    assert torch.equal(got["visual.patch_embed.proj.weight"], vl["visual.patch_embed.proj.weight"].to(torch.bfloat16))
+    assert json.loads((pair["root"] / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+def _yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_cli_bad_input_one_error_line(pair, tmp_path, capsys):
+    vl, llm = str(pair["vl"]), str(pair["llm"])
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = _cli(["merge", "--mllm", vl, "--llm", llm, str(out)], capsys)
+    assert code == 1 and "already exists" in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    wide = save_tiny("qwen2", tmp_path / "wide", intermediate=96, layers=LAYERS)
+    code, err = _cli(["merge", "--mllm", vl, "--llm", str(wide), str(tmp_path / "o1")], capsys)
+    assert code == 1 and "cannot merge" in err and "shape" in err
+    models = [{"model": vl, "parameters": {"weight": 0.5}}, {"model": llm, "parameters": {"weight": 0.5}}]
+    bad = {
+        "unknown merge_method": {"merge_method": "slerpy", "models": models},
+        "unknown parameter 'gamma'": {"merge_method": "linear", "models": models, "parameters": {"gamma": 1}},
+        "needs a base_model": {"merge_method": "task_arithmetic", "models": models},
+        "density must be in (0, 1]": {"merge_method": "ties", "models": models, "base_model": vl, "parameters": {"density": 1.5}},
+        "unknown module": {"merge_method": "linear", "models": models, "modules": ["vision"]},
+    }
+    for i, (msg, data) in enumerate(bad.items()):
+        code, err = _cli(["merge", _yaml(tmp_path / f"c{i}.yaml", data), str(tmp_path / f"o{i}")], capsys)
+        assert code == 1 and msg in err and err.startswith("error:"), (msg, err)
+    code, err = _cli(["merge", "--mllm", vl, "--llm", llm, "--method", "ties", str(tmp_path / "o9")], capsys)
+    assert code == 1 and "needs a base_model" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.yaml", "c1.yaml", "c2.yaml", "c3.yaml", "c4.yaml", "out", "wide"]
+    with pytest.raises(MergeConfigError, match="no 'weight'"):
+        MergeConfig.from_dict({"merge_method": "linear", "models": [vl, llm]})
+
+
+def test_cli_runs_and_force_replaces(pair, tmp_path, capsys):
+    out = tmp_path / "m"
+    main(["merge", "--mllm", str(pair["vl"]), "--llm", str(pair["llm"]), "--alpha", "0.8", str(out)])
+    first = _load(out)["model.layers.0.mlp.up_proj.weight"]
+    main(["merge", "--mllm", str(pair["vl"]), "--llm", str(pair["llm"]), "--alpha", "0.6", "--force",
+          "--json", str(tmp_path / "r.json"), str(out)])
+    second = _load(out)["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(first, second)
+    assert json.loads((tmp_path / "r.json").read_text())["method"] == "linear"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.json"]
+
+
+def test_interrupted_merge_leaves_nothing(pair, tmp_path):
+    calls = []
+
+    def interrupt(advance, total=None, description=None, info=""):
+        calls.append(advance)
+        if advance and len(calls) > 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"])), tmp_path / "out", progress=interrupt,
+              chunk_elements=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tensor_in_llm_is_an_error(pair, tmp_path):
+    short = save_partner_llm(save_tiny("qwen2_5_vl", tmp_path / "vl2", layers=2), tmp_path / "llm2")
+    with pytest.raises(DeltakitError, match="has no layers.2"):
+        merge(MergeConfig.simple(str(pair["vl"]), str(short)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
