@@ -179,3 +179,31 @@ def test_config_yaml_round_trip_and_errors(tmp_path):
         TrainConfig.load(None, model="m", data="d", out="o", rule="bogus")
     with pytest.raises(ConfigError, match="model is required"):
         TrainConfig.load(None, data="d", out="o")
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("commands/finetune-*.yaml")))
+def test_shipped_configs_load(path):
+    config = TrainConfig.load(path)
+    assert config.lr == 1e-6 and config.epochs == 3 and config.warmup_ratio == 0.05 and config.freeze == ("vision", "projector")
+    assert config.prior is None or (config.rule, config.alpha) == ("adaptive", 1.0)
+
+
+def cli(argv, capsys):
+    from deltakit.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", *argv])
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_cli_rejects_existing_output(base, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    code, err = cli(["--model", str(base), "--data", "x.jsonl", "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and err.startswith("error:") and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_rejects_bad_config(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ndata: d\nout: o\nwarmup: 3\n")
+    code, err = cli(["--config", str(path)], capsys)
+    assert code == 1 and "error:" in err and "unknown key 'warmup'" in err
