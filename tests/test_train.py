@@ -139,6 +139,8 @@ def test_resume_gives_the_uninterrupted_weights(run, tmp_path):
     assert all(torch.equal(full[n], resumed[n]) for n in full)
     log = [json.loads(line) for line in (tmp_path / "again" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    run(out="again", force=True, **{**args, "max_steps": 3})
+    assert [p.name for p in (tmp_path / "again.run" / "checkpoints").iterdir()] == ["step-0000002"]
 
 
 def test_output_is_a_loadable_checkpoint_with_its_files(run, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
     if not config.resume:
         if ckpts and not config.force:
             raise DeltakitError(f"{config.run_path}: holds checkpoints of an earlier run; pass --resume to continue it or --force to start over")
+        if ckpts and env.is_main:
+            shutil.rmtree(config.run_path / "checkpoints")
+        env.barrier()
         return 0
     if not ckpts:
         raise DeltakitError(f"--resume: no checkpoint in {config.run_path / 'checkpoints'}")
