@@ -2,7 +2,9 @@
 
 All variants run the same optimizer step of :func:`deltakit.train.loop.train_step` (2 micro-batches,
 clipping, AdamW) on one Qwen2.5-VL-shaped model built in memory, interleaved round by round so that
-load on a shared machine hits every variant alike; the median step time is reported. Variants:
+load on a shared machine hits every variant alike; the median step time is reported. Because whole
+steps are noisy on a shared machine, the bias work alone (what DRIFT adds to a step) is also timed on
+real gradients, many times, and reported as a fraction of the SFT step. Variants:
 
 - ``sft``: no prior;
 - ``absolute``, ``gradnorm``, ``adaptive``: :class:`deltakit.drift.DriftBias`, D resident on the device,
@@ -11,10 +13,10 @@ load on a shared machine hits every variant alike; the median step time is repor
   CPU memory and applies the adaptive rule on every backward call, i.e. on each micro-batch's local
   gradient (on a CPU-only machine the "transfer" is a host memcpy).
 
-Peak memory is the peak resident set size of a fresh process per variant (model + optimizer + D +
+Peak memory is the peak resident set (VmHWM) of a fresh process per variant (model + optimizer + D +
 3 steps); on a GPU it is ``torch.cuda.max_memory_allocated``.
 
-    python analyses/bench_drift.py [--hidden 768 --layers 4 --seq 256 --rounds 5]
+    python analyses/bench_drift.py [--hidden 768 --layers 4 --seq 256 --rounds 9 --repeats 30]
 
 prints a markdown table and writes docs/benchmarks/drift.json.
 """
@@ -41,7 +43,7 @@ from deltakit.drift import DriftBias, drift_gradient  # noqa: E402
 from deltakit.tiny import build_tiny  # noqa: E402
 from deltakit.train.config import TrainConfig  # noqa: E402
 from deltakit.train.dist import DistEnv  # noqa: E402
-from deltakit.train.loop import train_step  # noqa: E402
+from deltakit.train.loop import token_loss_sum, train_step  # noqa: E402
 
 VARIANTS = ("sft", "absolute", "gradnorm", "adaptive", "public-hook")
 
@@ -115,6 +117,7 @@ def sync(device):
 
 
 def time_variants(args, device) -> dict[str, list[float]]:
+    """Whole optimizer steps of every variant, interleaved round by round (order reversed every other round)."""
     model, params, micro = setup(args, device)
     prior = MemoryPrior(model)
     steps = {v: make_step(v, model, params, micro, prior, device) for v in VARIANTS}
@@ -131,19 +134,54 @@ def time_variants(args, device) -> dict[str, list[float]]:
     return times
 
 
+def time_bias_only(args, device) -> dict[str, float]:
+    """Median time of the bias work alone per optimizer step, on real gradients (short, so repeatable many times).
+
+    DRIFT rules: one :meth:`DriftBias.apply`. Public hook: what its hooks do per step, i.e. for each
+    of the 2 micro-batches, copy every D from CPU memory and apply the adaptive rule.
+    """
+    model, params, micro = setup(args, device)
+    prior = MemoryPrior(model)
+    token_loss_sum(model, micro[0]).backward()
+    work = {rule: DriftBias.bind(model, prior, rule=rule).apply for rule in ("absolute", "gradnorm", "adaptive")}
+    targets = [(p, prior.tensors[n.removeprefix("model.language_model.")]) for n, p in model.named_parameters()
+               if n.removeprefix("model.language_model.") in prior.tensors]
+
+    def public():
+        for _ in range(len(micro)):
+            for p, d_cpu in targets:
+                drift_gradient(p.grad, d_cpu.to(p.grad.device, copy=True), 1.0, "adaptive")
+    work["public-hook"] = public
+    out = {}
+    for name, fn in work.items():
+        fn()
+        samples = []
+        for _ in range(args.repeats):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            samples.append(time.perf_counter() - t)
+        out[name] = statistics.median(samples)
+    return out
+
+
+def vm_hwm_mib() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across fork+exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def peak_memory_child(args, variant: str) -> None:
     device = torch.device(args.device)
     model, params, micro = setup(args, device)
-    prior = MemoryPrior(model)
+    prior = MemoryPrior(model) if variant != "sft" else None
     step = make_step(variant, model, params, micro, prior, device)
-    if variant not in ("absolute", "gradnorm", "adaptive"):
-        prior.tensors.clear()
     for _ in range(3):
         step()
-    if device.type == "cuda":
-        print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else vm_hwm_mib())
 
 
 def main() -> None:
@@ -156,7 +194,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1, help="examples per micro-batch (2 micro-batches per step)")
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9, help="whole-step rounds (each runs every variant once)")
+    ap.add_argument("--repeats", type=int, default=30, help="repetitions of the bias-only timing")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "drift.json")
@@ -167,6 +206,7 @@ def main() -> None:
         return
     device = torch.device(args.device)
     times = time_variants(args, device)
+    bias_only = time_bias_only(args, device)
     child = [sys.executable, __file__, *sys.argv[1:]]
     memory = {v: float(subprocess.run(child + ["--memory-child", v], check=True, capture_output=True, text=True).stdout.split()[-1])
               for v in VARIANTS}
@@ -178,25 +218,30 @@ def main() -> None:
     rows = []
     for v in VARIANTS:
         med = statistics.median(times[v])
-        rows.append({"variant": v, "step_s": med, "overhead_pct": 100 * (med / base - 1), "min_s": min(times[v]),
-                     "peak_mib": memory[v], "memory_delta_mib": memory[v] - memory["sft"]})
+        rows.append({"variant": v, "step_s": med, "step_overhead_pct": 100 * (med / base - 1),
+                     "bias_s": bias_only.get(v, 0.0), "bias_overhead_pct": 100 * bias_only.get(v, 0.0) / base,
+                     "step_samples_s": times[v], "peak_mib": memory[v], "memory_delta_mib": memory[v] - memory["sft"]})
     result = {
+        "command": "python analyses/bench_drift.py " + " ".join(sys.argv[1:]),
         "device": args.device, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "model": {"family": "qwen2_5_vl", "hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                   "vocab": args.vocab, "parameters": n_params, "prior_parameters": n_prior},
         "batch": {"micro_batches": 2, "examples_per_micro_batch": args.batch, "tokens_per_example": args.seq},
-        "rounds": args.rounds, "memory": "peak RSS of a fresh process per variant" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
+        "rounds": args.rounds, "repeats": args.repeats,
+        "memory": "peak resident set (VmHWM) of a fresh process per variant" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Qwen2.5-VL-shaped model, {n_params / 1e6:.1f}M parameters ({n_prior / 1e6:.1f}M carry a prior), "
-          f"2 micro-batches x {args.batch} x {args.seq} tokens, {args.device}, {args.rounds} rounds, median step time\n")
-    print("| variant | step time (s) | overhead vs SFT | peak memory (MiB) | memory vs SFT (MiB) |")
-    print("|---|---|---|---|---|")
+          f"2 micro-batches x {args.batch} x {args.seq} tokens, {args.device}; step: median of {args.rounds} interleaved rounds; "
+          f"bias: median of {args.repeats} repetitions\n")
+    print("| variant | step time (s) | step vs SFT | bias work per step (ms) | bias / SFT step | peak memory (MiB) | memory vs SFT (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['overhead_pct']:+.1f}% | {r['peak_mib']:.0f} | {r['memory_delta_mib']:+.0f} |")
+        print(f"| {r['variant']} | {r['step_s']:.3f} | {r['step_overhead_pct']:+.1f}% | {1000 * r['bias_s']:.1f} | "
+              f"{r['bias_overhead_pct']:.1f}% | {r['peak_mib']:.0f} | {r['memory_delta_mib']:+.0f} |")
 
 
 if __name__ == "__main__":
