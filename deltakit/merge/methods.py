@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from deltakit.errors import DeltakitError
+
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     out = torch.zeros_like(tensors[0])
@@ -49,56 +51,162 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     return mixed.mul_(lambda_).add_(base)
 
 
+class TopK:
+    """Exact magnitude top-k of a tensor streamed in row-major blocks, without sorting it.
+
+    A strided sample of ``|delta|`` brackets the k-th largest magnitude in ``[lo, hi]``; one scan over the
+    blocks (:meth:`observe`) counts the entries above ``hi`` and keeps the few inside the bracket, from which
+    :meth:`finish` reads the exact threshold ``t`` (a missed bracket widens and asks for another scan).
+    :meth:`mask` then keeps ``|delta| > t`` plus the first entries equal to ``t`` in row-major order, so
+    exactly ``k = max(1, int(density * n))`` entries are kept (mergekit's count; its tie order is unspecified).
+    """
+
+    SAMPLE = 1 << 16
+
+    def __init__(self, sample: torch.Tensor, numel: int, density: float):
+        self.k = numel if density >= 1 else (max(1, int(density * numel)) if numel else 0)
+        self.everything = self.k >= numel
+        self.threshold: float | None = None
+        self._quota = 0
+        self._all_equal = True
+        s = torch.sort(sample.reshape(-1).float().abs()).values
+        q = 1 - self.k / max(numel, 1)
+        pos = q * (len(s) - 1)
+        margin = 4 * (q * (1 - q) * len(s)) ** 0.5 + 2
+        self.lo = float(s[max(0, int(pos - margin))]) if len(s) else 0.0
+        self.hi = float(s[min(len(s) - 1, int(pos + margin) + 1)]) if len(s) else float("inf")
+        self._reset()
+
+    @property
+    def done(self) -> bool:
+        return self.everything or self.threshold is not None
+
+    def _reset(self) -> None:
+        self._above = 0
+        self._inside: list[torch.Tensor] = []
+        self._n_inside = 0
+
+    def observe(self, a: torch.Tensor) -> None:
+        """Count one block of ``|delta|`` (blocks in any order, each once per scan)."""
+        self._above += int((a > self.hi).sum())
+        if self.lo == self.hi:
+            self._n_inside += int((a == self.hi).sum())
+        else:
+            inside = a[(a >= self.lo) & (a <= self.hi)]
+            self._inside.append(inside)
+            self._n_inside += inside.numel()
+
+    def finish(self) -> bool:
+        """Resolve the threshold after a scan; False (bracket widened) if another scan is needed."""
+        rank = self.k - self._above  # the k-th largest is the rank-th largest inside [lo, hi]
+        if 0 < rank <= self._n_inside:
+            if self.lo == self.hi:
+                t, gt, eq = self.hi, self._above, self._n_inside
+            else:
+                inside = torch.cat(self._inside)
+                t = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
+                gt, eq = self._above + int((inside > t).sum()), int((inside == t).sum())
+            self.threshold = t
+            self._quota = self.k - gt
+            self._all_equal = self._quota == eq
+            self._inside = []
+            return True
+        if rank > 0 and self.lo <= 0.0:  # [0, hi] and above hi saw every non-NaN entry, and fewer than k
+            raise DeltakitError("cannot trim a delta with NaN entries (are the inputs finite?)")
+        self.lo, self.hi = (self.hi, float("inf")) if rank <= 0 else (0.0, self.lo)
+        self._reset()
+        return False
+
+    def mask(self, a: torch.Tensor) -> torch.Tensor | None:
+        """Keep-mask of the next block of ``|delta|`` in row-major order (None: keep all)."""
+        if self.everything:
+            return None
+        if self._all_equal:
+            return a >= self.threshold
+        keep = a > self.threshold
+        if self._quota > 0:
+            eq = torch.nonzero((a == self.threshold).reshape(-1)).reshape(-1)[: self._quota]
+            keep.reshape(-1)[eq] = True
+            self._quota -= eq.numel()
+        return keep
+
+
+def strided_sample(t: torch.Tensor, size: int = TopK.SAMPLE) -> torch.Tensor:
+    """About ``size`` entries of ``t`` at a fixed stride (a cheap, deterministic sample of a mapped tensor)."""
+    flat = t.reshape(-1)
+    return flat[:: max(1, flat.numel() // size)]
+
+
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of exactly ``max(1, int(density * n))`` largest-``|delta|`` entries (all for ``density >= 1``).
 
-    Entries tied with the k-th largest magnitude are taken in row-major order, so the mask is
-    deterministic and holds exactly k entries.
+    Entries tied with the k-th largest magnitude are taken in row-major order.
     """
-    n = delta.numel()
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    k = max(1, int(density * n))
-    flat = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(flat, n - k + 1).values
-    mask = flat > threshold
-    need = k - int(mask.sum())
-    if need > 0:
-        mask[torch.nonzero(flat == threshold).reshape(-1)[:need]] = True
-    return mask.reshape(delta.shape)
+    a = delta.abs()
+    top = TopK(strided_sample(a), a.numel(), density)
+    while not top.done:
+        top.observe(a)
+        top.finish()
+    keep = top.mask(a)
+    return torch.ones_like(a, dtype=torch.bool) if keep is None else keep
 
 
-def random_mask(shape: Sequence[int], density: float, seed: int) -> torch.Tensor:
-    """Seeded Bernoulli(``density``) keep-mask: ``rand < density`` with a generator seeded by ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(tuple(shape), generator=gen) < density
+DARE_BLOCK = 1 << 20
 
 
-def sign_consensus(deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """TIES sign election: per entry the sign of the (weighted) sum wins (ties go to +); masks of agreeing entries."""
-    majority = torch.where(sum(deltas) >= 0, 1.0, -1.0).to(deltas[0].dtype)
-    return [torch.sign(d) == majority for d in deltas]
+def dare_block_rows(shape: Sequence[int]) -> int:
+    """Rows per DARE random block: the mask of rows ``[j*R, (j+1)*R)`` is drawn with seed ``seed + j``."""
+    per_row = 1
+    for s in shape[1:]:
+        per_row *= s
+    return max(1, DARE_BLOCK // per_row)
 
 
-def _sparse_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
-                  lambda_: float, normalize: bool) -> torch.Tensor:
-    """Sum the weighted sparse deltas (sign-elected when ``consensus``), normalise, scale, add to ``base``."""
+def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0) -> torch.Tensor:
+    """Seeded Bernoulli(``density``) keep-mask for rows ``[first_row, first_row + shape[0])`` of a tensor.
+
+    Rows are cut in fixed blocks of :func:`dare_block_rows`; block ``j`` is ``rand < density`` from a
+    generator seeded ``seed + j``, so the mask does not depend on how the work is chunked or threaded
+    (``first_row`` must start a block).
+    """
+    shape = tuple(shape)
+    if not shape:
+        return torch.rand((), generator=torch.Generator().manual_seed(seed)) < density
+    rows = dare_block_rows(shape)
+    if first_row % rows:
+        raise ValueError(f"first_row {first_row} does not start a DARE block of {rows} rows")
+    parts = []
+    for start in range(0, shape[0], rows):
+        gen = torch.Generator().manual_seed(seed + (first_row + start) // rows)
+        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen) < density)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
+            lambda_: float, normalize: bool) -> torch.Tensor:
+    """``base + lambda * mix(w_i d_i)`` for sparsified deltas (modified in place).
+
+    Without ``consensus`` the mix is the sum (divided by ``sum w_i`` when ``normalize``); with it, per
+    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only agreeing terms are summed
+    (divided by the sum of their weights when ``normalize``: the TIES disjoint mean).
+    """
     weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
-    if consensus:
-        masks = sign_consensus(weighted)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for d, m, w in zip(weighted, masks, weights):
-            mixed.add_(d * m)
-            divisor.add_(m.to(base.dtype), alpha=float(w))
-        divisor[divisor == 0] = 1
-    else:
-        mixed = sum(weighted)
-        divisor = _safe_divisor(sum(weights))
-    if normalize:
-        mixed = mixed / divisor
+    total = weighted[0].clone()
+    for d in weighted[1:]:
+        total.add_(d)
+    if not consensus:
+        scale = lambda_ / _safe_divisor(sum(weights)) if normalize else lambda_
+        return total.mul_(scale).add_(base)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if normalize else None
+    for d, w in zip(weighted, weights):
+        agree = (d * sign) > 0
+        mixed.add_(torch.where(agree, d, 0.0))
+        if divisor is not None:
+            divisor.add_(agree.to(base.dtype), alpha=float(w))
+    if divisor is not None:
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return mixed.mul_(lambda_).add_(base)
 
 
@@ -109,16 +217,16 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
     for x, rho in zip(tensors, densities):
         d = x - base
         deltas.append(d.mul_(magnitude_mask(d, rho)))
-    return _sparse_merge(base, deltas, weights, True, lambda_, normalize)
+    return combine(base, deltas, weights, True, lambda_, normalize)
 
 
 def _dare_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities: Sequence[float],
-                 seeds: Sequence[int], rescale: bool) -> list[torch.Tensor]:
+                 seeds: Sequence[int], rescale: bool, first_row: int) -> list[torch.Tensor]:
     deltas = []
     for x, rho, seed in zip(tensors, densities, seeds):
         d = x - base
         if rho < 1:
-            d.mul_(random_mask(d.shape, rho, seed))
+            d.mul_(random_mask(d.shape, rho, seed, first_row))
             if rescale:
                 d.div_(rho)
         deltas.append(d)
@@ -127,13 +235,18 @@ def _dare_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities:
 
 def dare_linear(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                 densities: Sequence[float], seeds: Sequence[int], lambda_: float = 1.0, normalize: bool = False,
-                rescale: bool = True) -> torch.Tensor:
-    """DARE + task arithmetic: seeded random drop to ``density`` (rescaled by ``1/density``), weighted sum."""
-    return _sparse_merge(base, _dare_deltas(base, tensors, densities, seeds, rescale), weights, False, lambda_, normalize)
+                rescale: bool = True, first_row: int = 0) -> torch.Tensor:
+    """DARE + task arithmetic: seeded random drop to ``density`` (rescaled by ``1/density``), weighted sum.
+
+    ``first_row`` says where these rows sit in the full tensor (see :func:`random_mask`).
+    """
+    deltas = _dare_deltas(base, tensors, densities, seeds, rescale, first_row)
+    return combine(base, deltas, weights, False, lambda_, normalize)
 
 
 def dare_ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
               densities: Sequence[float], seeds: Sequence[int], lambda_: float = 1.0, normalize: bool = False,
-              rescale: bool = True) -> torch.Tensor:
+              rescale: bool = True, first_row: int = 0) -> torch.Tensor:
     """DARE + TIES sign election: seeded random drop (rescaled by ``1/density``), sign consensus, sum."""
-    return _sparse_merge(base, _dare_deltas(base, tensors, densities, seeds, rescale), weights, True, lambda_, normalize)
+    deltas = _dare_deltas(base, tensors, densities, seeds, rescale, first_row)
+    return combine(base, deltas, weights, True, lambda_, normalize)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from deltakit.merge.config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, Merge
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import pair
 
-Compute = Callable[[torch.Tensor | None, list[torch.Tensor]], torch.Tensor]
+Compute = Callable[[torch.Tensor | None, list[torch.Tensor], int], torch.Tensor]
 
 
 @dataclass
@@ -197,17 +196,19 @@ def _resolve(config: MergeConfig, names: tuple[str, ...], t: float, info: Tensor
 
 
 def _bind(config: MergeConfig, p: dict[str, Any], canonical: str, n_models: int) -> Compute:
-    """The tensor function of one job with its resolved parameters, called as ``compute(base, tensors)``."""
+    """The tensor function of one job with its resolved parameters, called as ``compute(base, tensors, first_row)``.
+
+    For ``ties`` it is the final combination of already trimmed deltas (the executor streams the top-k).
+    """
     method = config.merge_method
     if method in ("linear", "layer_swap"):
-        fn = partial(methods.linear, weights=p["weight"], normalize=p["normalize"])
-        return lambda base, tensors: fn(tensors)
+        return lambda base, tensors, first_row: methods.linear(tensors, p["weight"], p["normalize"])
     if method == "task_arithmetic":
-        return partial(methods.task_arithmetic, weights=p["weight"], lambda_=p["lambda"], normalize=p["normalize"])
+        return lambda base, tensors, first_row: methods.task_arithmetic(base, tensors, p["weight"], p["lambda"], p["normalize"])
     if method == "ties":
-        return partial(methods.ties, weights=p["weight"], densities=p["density"], lambda_=p["lambda"],
-                       normalize=p["normalize"])
+        return lambda base, deltas, first_row: methods.combine(base, deltas, p["weight"], True, p["lambda"], p["normalize"])
     seeds = [dare_seed(config.seed, canonical, i) for i in range(n_models)]
+    p["seeds"] = seeds
     fn = methods.dare_ties if method == "dare_ties" else methods.dare_linear
-    return partial(fn, weights=p["weight"], densities=p["density"], seeds=seeds, lambda_=p["lambda"],
-                   normalize=p["normalize"], rescale=p["rescale"])
+    return lambda base, tensors, first_row: fn(base, tensors, p["weight"], p["density"], seeds, p["lambda"],
+                                               p["normalize"], p["rescale"], first_row)

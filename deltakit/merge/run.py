@@ -25,12 +25,14 @@ import torch
 from deltakit import __version__
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
 from deltakit.merge.config import MergeConfig
+from deltakit.merge import methods
 from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
+from deltakit.model import MappedCheckpoint
 from deltakit.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
 REPORT_NAME = "merge_report.json"
 CARD_NAME = "README.md"
 _SKIP_FILES = (REPORT_NAME, CARD_NAME)
@@ -114,42 +116,96 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
     return report
 
 
+def _blocks(n: int, step: int, start: int = 0) -> list[tuple[int, int]]:
+    return [(a, min(a + step, n)) for a in range(start, n, step)]
+
+
 def _units(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[tuple[int, int, bool]]:
-    """``(row_start, row_stop, merge?)`` blocks covering the tensor."""
+    """``(row_start, row_stop, merge?)`` work units covering the tensor; a ``ties`` tensor's merged rows are one unit."""
     n = job.shape[0] if job.shape else 1
-    per_row = max(1, job.nbytes // max(n, 1) // job.out_dtype.itemsize)
-    step = max(1, chunk_elements // per_row)
-    merged_rows = job.rows if job.merged else 0
-    blocks = [(0, merged_rows, True)] if merged_rows and not plan.elementwise else [
-        (a, min(a + step, merged_rows), True) for a in range(0, merged_rows, step)]
-    return blocks + [(a, min(a + step, n), False) for a in range(merged_rows, n, step)]
+    step = max(1, chunk_elements // _row_elements(job))
+    merged = job.rows if job.merged else 0
+    if merged and plan.config.merge_method == "ties":
+        units = [(0, merged, True)]
+    else:
+        mstep = methods.dare_block_rows(job.shape) if plan.config.merge_method.startswith("dare") else step
+        units = [(a, b, True) for a, b in _blocks(merged, mstep)]
+    return units + [(a, b, False) for a, b in _blocks(n, step, merged)]
 
 
-def _run_unit(plan: MergePlan, writer: ShardedWriter, job: TensorJob, a: int, b: int, do_merge: bool) -> int:
+def _row_elements(job: TensorJob) -> int:
+    per_row = 1
+    for s in job.shape[1:]:
+        per_row *= s
+    return per_row
+
+
+def _read(ref: tuple[MappedCheckpoint, str], a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``[a, b)`` in ``dtype``: possibly the mapped view itself, so never modify it in place (pages are shared)."""
+    return ref[0].ckpt.rows(ref[1], a, b).to(dtype)
+
+
+def _release(job: TensorJob, a: int, b: int) -> None:
+    for m, k in job.sources + ([job.base] if job.base else []):
+        m.ckpt.release(k, a, b)
+
+
+def _run_ties(plan: MergePlan, writer: ShardedWriter, job: TensorJob, rows: int, chunk_elements: int) -> None:
+    """Stream one TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
+    cd = plan.compute_dtype
+    blocks = _blocks(rows, max(1, chunk_elements // _row_elements(job)))
+    base_view = job.base[0].ckpt.rows(job.base[1], 0, rows)
+    tops = []
+    for (m, k), rho in zip(job.sources, job.params["density"]):
+        sample = methods.strided_sample(m.ckpt.rows(k, 0, rows)).to(cd) - methods.strided_sample(base_view).to(cd)
+        tops.append(methods.TopK(sample, rows * _row_elements(job), rho))
+    while not all(t.done for t in tops):
+        for a, b in blocks:
+            base = _read(job.base, a, b, cd)
+            for ref, top in zip(job.sources, tops):
+                if not top.done:
+                    top.observe((_read(ref, a, b, cd) - base).abs_())
+            _release(job, a, b)
+        for top in tops:
+            if not top.done:
+                top.finish()
+    for a, b in blocks:
+        base = _read(job.base, a, b, cd)
+        deltas = []
+        for ref, top in zip(job.sources, tops):
+            d = _read(ref, a, b, cd) - base
+            keep = top.mask(d.abs())
+            deltas.append(d if keep is None else d.mul_(keep))
+        writer.write_rows(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
+        _release(job, a, b)
+
+
+def _run_unit(plan: MergePlan, writer: ShardedWriter, job: TensorJob, a: int, b: int, do_merge: bool,
+              chunk_elements: int) -> int:
     mllm = plan.mllm.ckpt
     if not job.shape:
         writer.write(job.key, mllm.get(job.key).to(job.out_dtype))
         return job.nbytes
-    if do_merge:
+    if do_merge and plan.config.merge_method == "ties":
+        _run_ties(plan, writer, job, b, chunk_elements)
+    elif do_merge:
         cd = plan.compute_dtype
-        tensors = [m.ckpt.rows(k, a, b).to(cd) for m, k in job.sources]
-        base = job.base[0].ckpt.rows(job.base[1], a, b).to(cd) if job.base else None
-        result = job.compute(base, tensors)
-        writer.write_rows(job.key, a, result.to(job.out_dtype))
-        for m, k in job.sources + ([job.base] if job.base else []):
-            m.ckpt.release(k, a, b)
+        tensors = [_read(ref, a, b, cd) for ref in job.sources]
+        base = _read(job.base, a, b, cd) if job.base else None
+        writer.write_rows(job.key, a, job.compute(base, tensors, a).to(job.out_dtype))
+        _release(job, a, b)
     else:
         rows = mllm.rows(job.key, a, b)
         writer.write_rows(job.key, a, rows if rows.dtype == job.out_dtype else rows.to(job.out_dtype))
         mllm.release(job.key, a, b)
-    return (b - a) * (job.nbytes // job.shape[0]) if job.shape[0] else 0
+    return (b - a) * _row_elements(job) * job.out_dtype.itemsize
 
 
 def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_elements: int, progress: ProgressFn) -> None:
     units: list[Callable[[], int]] = []
     for job in plan.jobs:
         for a, b, do_merge in _units(job, plan, chunk_elements):
-            units.append(lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m))
+            units.append(lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m, chunk_elements))
     progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
     try:
