@@ -14,6 +14,7 @@ from deltakit.cli._common import err_console
 from deltakit.errors import DeltakitError
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "diff",
     "merge",
     "finetune",
 )
