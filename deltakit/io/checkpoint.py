@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
@@ -141,6 +142,7 @@ class Checkpoint:
             return cls(path, config, shards, dict(weight_map))
         singles = sorted(p.name for p in path.glob("*.safetensors"))
         if singles:
+            _check_shard_series(path, singles)
             shards = {f: _Shard(path / f) for f in singles}
             key_to_file = {k: f for f, s in shards.items() for k in s.metas}
             return cls(path, config, shards, key_to_file)
@@ -158,15 +160,20 @@ class Checkpoint:
     @classmethod
     def _open_pickled(cls, path: Path, config: dict) -> "Checkpoint":
         index = path / "pytorch_model.bin.index.json"
-        files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["pytorch_model.bin"]
+        weight_map = _read_json(index).get("weight_map") if index.exists() else {"": "pytorch_model.bin"}
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
         tensors: dict[str, torch.Tensor] = {}
-        for f in files:
+        for f in sorted(set(weight_map.values())):
             if not (path / f).exists():
                 raise CheckpointError(f"{path}: shard {f} is missing")
             try:
-                tensors.update(torch.load(path / f, map_location="cpu", weights_only=True, mmap=True))
+                loaded = torch.load(path / f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a bad pickle
                 raise CheckpointError(f"{path / f}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+            if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+                raise CheckpointError(f"{path / f}: not a state dict (expected a mapping of names to tensors)")
+            tensors.update(loaded)
         ckpt = cls(path, config, {}, {k: "pickle" for k in tensors})
         ckpt._pickled = tensors
         return ckpt
@@ -263,6 +270,21 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors, {len(self._shards)} files)"
+
+
+_SERIES = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors$")
+
+
+def _check_shard_series(folder: Path, names: list[str]) -> None:
+    """Without an index, shards named ``X-0000i-of-0000n.safetensors`` must all be present."""
+    for name in names:
+        m = _SERIES.match(name)
+        if m:
+            stem, width, n = m.group(1), len(m.group(2)), int(m.group(3))
+            want = [f"{stem}-{i:0{width}d}-of-{m.group(3)}.safetensors" for i in range(1, n + 1)]
+            missing = [w for w in want if w not in names]
+            if missing:
+                raise CheckpointError(f"{folder}: shard {missing[0]} is missing ({len(missing)} of {n} shards, and no {INDEX_NAME})")
 
 
 def _read_json(path: Path) -> dict:
