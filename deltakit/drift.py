@@ -65,15 +65,17 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-def tensor_stats(g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def tensor_stats(g: torch.Tensor, d: torch.Tensor, d_sq: torch.Tensor | None = None) -> torch.Tensor:
     """``[|g|^2, |D|^2, <g, D>]`` of (this process's part of) one tensor, as float64.
 
     The products are accumulated in float32 (pairwise, exact enough for a scale factor) and returned in
-    float64 so that sums over shards and tensors lose nothing further.
+    float64 so that sums over shards and tensors lose nothing further. ``d_sq``, when given, is used as
+    ``|D|^2`` of this part (D is constant, so callers compute it once).
     """
     g32 = g.reshape(-1).float()
     d32 = d.reshape(-1).to(device=g.device, dtype=torch.float32)
-    return torch.stack([torch.dot(g32, g32), torch.dot(d32, d32), torch.dot(g32, d32)]).double()
+    dd = torch.dot(d32, d32) if d_sq is None else d_sq.to(device=g.device, dtype=torch.float32)
+    return torch.stack([torch.dot(g32, g32), dd, torch.dot(g32, d32)]).double()
 
 
 def coefficients(stats: torch.Tensor, alpha: torch.Tensor, rule: str) -> torch.Tensor:
@@ -146,6 +148,8 @@ class DriftBias:
             if key:
                 groups.setdefault(key, []).append(i)
         self._shard_rows = [(key, torch.tensor(rows)) for key, rows in groups.items()]
+        # |D|^2 of this process's part never changes: computed once, summed over shards with the other stats each step.
+        self._d_sq = [tensor_stats(t.prior, t.prior)[0].float().to(_local(t.param).device) for t in targets]
 
     @property
     def num_tensors(self) -> int:
@@ -196,6 +200,16 @@ class DriftBias:
                  f"{bias.num_params:,}", rule, alpha, "prior on cpu" if prior_device == "cpu" else "prior on the training device")
         return bias
 
+    def _sum_over_shards(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sum the per-tensor rows of sharded targets over their shards (one all-reduce per shard group)."""
+        for key, idx in self._shard_rows:
+            idx = idx.to(rows.device)
+            part = rows[idx]
+            for group in key:
+                dist.all_reduce(part, group=group)
+            rows[idx] = part
+        return rows
+
     def apply(self) -> DriftStep:
         """Bias every target's ``.grad`` in place (``g -= c D``); a parameter without a gradient is an error."""
         grads = []
@@ -203,12 +217,7 @@ class DriftBias:
             if t.param.grad is None:
                 raise DeltakitError(f"parameter {t.name!r} carries a prior but got no gradient (is it used in the forward pass?)")
             grads.append(_local(t.param.grad))
-        stats = torch.stack([tensor_stats(g, t.prior) for g, t in zip(grads, self.targets)])
-        for key, rows in self._shard_rows:
-            part = stats[rows.to(stats.device)]
-            for group in key:
-                dist.all_reduce(part, group=group)
-            stats[rows.to(stats.device)] = part
+        stats = self._sum_over_shards(torch.stack([tensor_stats(g, t.prior, dd) for g, t, dd in zip(grads, self.targets, self._d_sq)]))
         c = coefficients(stats, self._alphas.to(stats.device), self.rule)
         c_list = c.tolist()
         for g, t, ci in zip(grads, self.targets, c_list):

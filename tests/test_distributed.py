@@ -75,7 +75,7 @@ def test_two_processes_match_one(runs, name):
     moved = [n for n in single if not torch.equal(single[n], runs["base"][n])]
     assert len(moved) > 20
     for n in single:
-        torch.testing.assert_close(other[n], single[n], rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(other[n], single[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
 def test_prior_tensors_were_biased(runs):

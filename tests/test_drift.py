@@ -153,3 +153,24 @@ def test_apply_without_gradient_is_an_error():
     bias = DriftBias.bind(model, DictPrior({"layers.0.mlp.up_proj.weight": torch.ones(64, 32)}))
     with pytest.raises(DeltakitError, match="no gradient"):
         bias.apply()
+
+
+@pytest.mark.parametrize("prior_device", [None, "cpu"])
+def test_bound_prior_keeps_its_dtype_and_biases_every_step(prior_device):
+    # D stays in its stored dtype (bf16 here) where it was asked to live, and |D|^2, computed once at bind,
+    # gives the formula's bias on each of several steps with different gradients.
+    model = build_tiny("qwen2_5_vl")
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(8)
+    prior = DictPrior({n: torch.randn(params["model.language_model." + n].shape, generator=gen).bfloat16() for n in PRIOR_NAMES})
+    bias = DriftBias.bind(model, prior, rule="adaptive", alpha=0.5, prior_device=prior_device)
+    assert {t.prior.dtype for t in bias.targets} == {torch.bfloat16}
+    assert {t.prior.device.type for t in bias.targets} == {"cpu"}
+    for _ in range(3):
+        grads = {n: torch.randn(params["model.language_model." + n].shape, generator=gen) for n in PRIOR_NAMES}
+        for n in PRIOR_NAMES:
+            params["model.language_model." + n].grad = grads[n].clone()
+        bias.apply()
+        for n in PRIOR_NAMES:
+            want = reference(grads[n], prior.tensors[n].float(), 0.5, "adaptive")
+            torch.testing.assert_close(params["model.language_model." + n].grad.double(), want, rtol=1e-5, atol=1e-6)
