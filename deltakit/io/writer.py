@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import struct
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,7 @@ class SafetensorsWriter:
         if len(self.specs) != len(specs):
             raise ValueError("duplicate tensor names in one safetensors file")
         header, self._offsets = build_header([(s.name, s.dtype, s.shape) for s in specs], metadata)
+        self._header_len = len(header)
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
         self._written = {s.name: 0 for s in specs}
         self._lock = threading.Lock()
@@ -92,6 +94,24 @@ class SafetensorsWriter:
             raise _disk_error(self.path, exc) from None
         with self._lock:
             self._written[name] += len(buf)
+
+    def rewrite_metadata(self, metadata: dict[str, str]) -> None:
+        """Replace the header's ``__metadata__`` before :meth:`close` (e.g. with statistics known only at the end).
+
+        The new header must not be longer than the one laid out at construction (plan it with placeholder
+        values at least as long as the final ones); it is padded with spaces so no tensor moves.
+        """
+        header, _ = build_header([(s.name, s.dtype, s.shape) for s in self.specs.values()], metadata)
+        body = header[8:].rstrip(b" ")
+        room = self._header_len - 8
+        if len(body) > room:
+            raise ValueError(f"{self.path}: new metadata needs {len(body)} header bytes, only {room} were planned")
+        body += b" " * (room - len(body))
+        try:
+            self._pwrite(memoryview(struct.pack("<Q", room) + body), 0)
+        except OSError as exc:
+            self.abort()
+            raise _disk_error(self.path, exc) from None
 
     def close(self) -> Path:
         """Check that every tensor was fully written, flush, and move the file to its final name."""
