@@ -47,7 +47,11 @@ EPS = 1e-12
 
 
 class PriorSource(Protocol):
-    """What :class:`DriftBias` needs from a prior (:class:`deltakit.prior.Prior` provides it)."""
+    """What :class:`DriftBias` needs from a prior (:class:`deltakit.prior.Prior` provides it).
+
+    A prior may also carry ``family`` (the family name it was exported for); :meth:`DriftBias.bind` then
+    requires the model to be of exactly that family.
+    """
 
     names: Sequence[str]
 
@@ -164,13 +168,20 @@ class DriftBias:
              family: str | Family | None = None, prior_device: torch.device | str | None = None) -> "DriftBias":
         """Map every prior tensor to its parameter of ``model`` (in-memory names, via the family table).
 
-        Fails with :class:`IncompatibleError` when a prior tensor finds no parameter, a shape differs or
+        Fails with :class:`IncompatibleError` when the prior names a ``family`` other than the model's (the
+        family name is compared, not the key layout: qwen2_vl and qwen2_5_vl share a layout but not weights,
+        so D of one means nothing for the other), when a prior tensor finds no parameter, a shape differs or
         the parameter is frozen: a prior is never silently ignored. Each D is read once in its stored
         dtype and placed on its parameter's device (or ``prior_device``), split like the parameter when
         it is an FSDP2 DTensor. ``model`` must be unwrapped (not inside DDP).
         """
         check_rule(rule)
         fam, _, text = map_parameters(model, family)
+        built_for = getattr(prior, "family", None)
+        if built_for is not None and built_for != fam.name:
+            raise IncompatibleError(
+                f"the prior was built for a {built_for} model but this model is {fam.name}; a prior only fits the family it was "
+                f"exported against (same key layout is not enough), so export one with deltakit prior --mllm <this model>")
         params = dict(model.named_parameters())
         names = list(prior.names)
         missing = [n for n in names if n not in text]
