@@ -11,6 +11,7 @@ with every Qwen2-VL processor) and a Qwen2-VL style chat template. :func:`save_t
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -82,8 +83,9 @@ def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """The tiny byte-level BPE tokenizer: 500 learned tokens (ids 0-499), then the 7 Qwen special tokens."""
+@functools.lru_cache(maxsize=1)
+def _trained_bpe() -> str:
+    """The trained tokenizer as ``tokenizers`` JSON (trained once per process: it is deterministic)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -95,12 +97,17 @@ def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
         raise RuntimeError(f"tiny tokenizer learned {tok.get_vocab_size()} tokens, expected {first_special}")
     names = sorted(SPECIAL, key=SPECIAL.get)
     tok.add_special_tokens([SPECIAL_TOKENS[n] for n in names])
-    for name in names:
-        assert tok.token_to_id(SPECIAL_TOKENS[name]) == SPECIAL[name], name
-    assert tok.get_vocab_size() <= VOCAB
+    if any(tok.token_to_id(SPECIAL_TOKENS[n]) != SPECIAL[n] for n in names) or tok.get_vocab_size() > VOCAB:
+        raise RuntimeError("tiny tokenizer special tokens are not at deltakit.tiny.SPECIAL ids")
+    return tok.to_str()
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer: 500 learned tokens (ids 0-499), then the 7 Qwen special tokens."""
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=SPECIAL_TOKENS["im_end"], pad_token=SPECIAL_TOKENS["endoftext"],
-        model_max_length=4096, padding_side="right", clean_up_tokenization_spaces=False)
+        tokenizer_object=Tokenizer.from_str(_trained_bpe()), eos_token=SPECIAL_TOKENS["im_end"],
+        pad_token=SPECIAL_TOKENS["endoftext"], model_max_length=4096, padding_side="right",
+        clean_up_tokenization_spaces=False)
 
 
 def build_tiny_processor(family: str = "qwen2_5_vl") -> transformers.ProcessorMixin:
