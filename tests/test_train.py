@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import yaml
 
 from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.tiny import save_tiny
+from deltakit.tiny_processor import save_tiny_processor
 from deltakit.train import ConfigError, TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from deltakit.train.setup import Plan
@@ -143,16 +145,49 @@ def test_resume_gives_the_uninterrupted_weights(run, tmp_path):
     assert [p.name for p in (tmp_path / "again.run" / "checkpoints").iterdir()] == ["step-0000002"]
 
 
-def test_output_is_a_loadable_checkpoint_with_its_files(run, tmp_path):
-    result, _ = run(max_steps=1, out="o")
+def test_output_is_a_loadable_checkpoint_with_its_files(run, base, tmp_path):
+    # The base carries the tiny processor: the output must too, loadable with transformers.
+    with_processor = tmp_path / "base"
+    shutil.copytree(base, with_processor)
+    save_tiny_processor(with_processor)
+    base_files = {p.name for p in with_processor.iterdir() if p.suffix != ".safetensors"}
+    result, _ = run(max_steps=1, out="o", model=str(with_processor))
     out = tmp_path / "o"
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "deltakit_finetune.json", "train_log.jsonl"} <= names
+    assert base_files <= names and "tokenizer.json" in names
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.tokenizer("a b").input_ids == \
+        transformers.AutoProcessor.from_pretrained(with_processor).tokenizer("a b").input_ids
     summary = json.loads((out / "deltakit_finetune.json").read_text())
     assert summary["config"]["lr"] == 1e-3 and summary["result"]["steps"] == 1
     assert transformers.AutoConfig.from_pretrained(out).model_type == "qwen2_5_vl"
     with pytest.raises(DeltakitError, match="already exists"):
         run(max_steps=1, out="o")
+
+
+def test_gradient_checkpointing_bf16_autocast_and_progress(run, monkeypatch):
+    infos, loaded = [], []
+    load_model = loop_module.load_model
+    monkeypatch.setattr(loop_module, "load_model", lambda config: loaded.append(load_model(config)) or loaded[-1])
+
+    def record(advance, total=None, description=None, info=""):
+        infos.append(info)
+
+    plain, w = run(max_steps=2, batch_size=2, out="plain", prior="prior", progress=record)
+    # Recomputing activations changes no number; each step's bar shows loss, lr and grad norm.
+    _, ckpt = run(max_steps=2, batch_size=2, out="ckpt", prior="prior", gradient_checkpointing=True)
+    assert [m.is_activation_checkpointing for m, _ in loaded] == [False, True]
+    for n in w:
+        torch.testing.assert_close(ckpt[n], w[n], rtol=1e-5, atol=1e-6)
+    steps = [i for i in infos if i]
+    assert len(steps) == 2
+    for i, r in zip(steps, plain.history):
+        assert f"loss {r['loss']:.4f}" in i and f"lr {r['lr']:.2e}" in i and f"|g| {r['grad_norm']:.3g}" in i
+    # bf16 autocast (what "auto" picks on a bf16 GPU) really runs the forward in bf16: close, not equal.
+    bf16, _ = run(max_steps=2, batch_size=2, out="bf16", prior="prior", precision="bf16")
+    first, low = plain.history[0]["loss"], bf16.history[0]["loss"]
+    assert low != first and abs(low - first) < 0.02 * first
 
 
 def test_mismatched_prior_fails_before_training(run):

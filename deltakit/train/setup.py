@@ -39,7 +39,7 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, str]:
     model = cls.from_pretrained(config.model, dtype=torch.float32)
     model.config.use_cache = False
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     _, infos, _ = map_parameters(model, mapped.family)
     counts = {"trainable": 0, "frozen": 0}
     for name, p in model.named_parameters():
