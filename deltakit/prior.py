@@ -454,7 +454,7 @@ def _entry(job: _Job, stats: _Stats | None, normalize: bool) -> dict[str, Any]:
         scale = _scale(stats, normalize)
         d_norm, w_norm = math.sqrt(stats.d_sq), math.sqrt(stats.w_sq)
         cos = _cosine(stats.dot, stats.d_sq * scale**2, stats.rec_sq)
-        rel = math.sqrt(stats.err_sq) / (d_norm * scale) if stats.d_sq else 0.0
+        rel = math.sqrt(stats.err_sq) / (d_norm * scale) if d_norm * scale > 0 else 0.0
         stored = math.sqrt(stats.rec_sq)
     entry: dict[str, Any] = {"kind": job.kind, "layer": job.layer, "shape": list(job.shape), "encoding": job.encoding}
     if job.encoding == "lowrank":
@@ -543,6 +543,10 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
         stats = [_write_job(j, writer, torch_dtype, comp, normalize, chunk_elements, progress) for j in jobs]
         final = metadata(stats)
         writer.rewrite_metadata(final)
+    if normalize:
+        zero = [j.name for j, s in zip(jobs, stats) if s.w_sq == 0.0]
+        if zero:
+            notes.append(f"{len(zero)} tensors have |W_MLLM| = 0 (e.g. {zero[0]}, zero-initialised biases): --normalize made their D 0")
     return PriorReport(out, target.family.name, mode, sources, list(modules), ranges, skip_first, dtype, normalize,
                        comp.to_dict() if comp else None, json.loads(final["tensors"]), json.loads(final["totals"]), notes,
                        out.stat().st_size, time.perf_counter() - start)
