@@ -14,7 +14,6 @@ peak memory is a few chunk buffers whatever the model size.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import statistics
@@ -32,8 +31,6 @@ from deltakit.io.checkpoint import Checkpoint
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, pair
 from deltakit.progress import ProgressFn, no_progress
-
-log = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 18
 """Elements per chunk: 2 MB float64 buffers, large enough that per-chunk overhead is small, small enough to stay in cache."""
@@ -315,7 +312,6 @@ def diff(
             bad_b = _count_nonfinite(mb.ckpt, p.key_b, p.rows)
             where = ", ".join(f"{n} NaN/Inf in {side} ({key})" for n, side, key in ((bad_a, "A", p.key_a), (bad_b, "B", p.key_b)) if n)
             warnings.append(f"{p.canonical}: {where}; left out of the layer, kind and overall figures")
-            log.warning(warnings[-1])
         bytes_read += s.numel * (ma.ckpt.meta(p.key_a).dtype.itemsize + mb.ckpt.meta(p.key_b).dtype.itemsize)
         tensors.append(TensorDiff(p.canonical, p.key_a, p.key_b, p.layer, p.kind, p.shape_a, p.shape_b, p.rows,
                                   s.stats(), bad_a, bad_b))

@@ -33,7 +33,7 @@ def _stats_table(title: str, label: str, rows: list[tuple[str, Stats]]) -> Table
 
 
 def render(report: DiffReport, per_tensor: bool) -> None:
-    """Print the summary with its verdict, then per-layer and per-kind tables (and per-tensor if asked)."""
+    """Print per-layer and per-kind tables (and per-tensor if asked), then the summary and its verdict, last in view."""
     summary = Table(title="deltakit diff", show_header=False, title_justify="left")
     summary.add_row("A", f"{report.a} ({report.family_a})")
     summary.add_row("B", f"{report.b} ({report.family_b})")
@@ -43,22 +43,22 @@ def render(report: DiffReport, per_tensor: bool) -> None:
     summary.add_row("median layer L2 (relative)", f"{_g(report.median_layer_l2)} ({_f(report.median_layer_rel_l2)})")
     summary.add_row("whole text tower", f"cosine {_f(report.overall.cosine)}, L2 {_g(report.overall.l2)}")
     summary.add_row("read", f"{report.bytes_read / 1e9:.2f} GB in {report.seconds:.1f} s")
-    summary.add_row("verdict", f"[{_STYLE[report.verdict]}]{report.verdict_text}[/]")
-    console.print(summary)
     console.print(_stats_table("per layer", "layer", [(str(i), s) for i, s in report.layers.items()]))
     console.print(_stats_table("per module kind", "kind", list(report.kinds.items())))
     if per_tensor:
         console.print(_stats_table("per tensor", "tensor", [(t.canonical, t.stats) for t in report.tensors]))
+    console.print(summary)
+    console.print(f"verdict: [{_STYLE[report.verdict]}]{report.verdict_text}[/]", highlight=False, soft_wrap=True)
     for name, sa, sb in report.shape_mismatch:
-        console.print(f"[yellow]shape mismatch:[/yellow] {name}: A {list(sa)} vs B {list(sb)}", highlight=False)
+        console.print(f"[yellow]shape mismatch:[/yellow] {name}: A {list(sa)} vs B {list(sb)}", highlight=False, soft_wrap=True)
     for side, names in (("A", report.only_a), ("B", report.only_b)):
         if names:
             more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            console.print(f"[yellow]only in {side}:[/yellow] {', '.join(names[:5])}{more}", highlight=False)
+            console.print(f"[yellow]only in {side}:[/yellow] {', '.join(names[:5])}{more}", highlight=False, soft_wrap=True)
     for line in report.notes:
-        console.print(f"[yellow]note:[/yellow] {line}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {line}", highlight=False, soft_wrap=True)
     for line in report.warnings:
-        err_console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False)
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {line}", highlight=False, soft_wrap=True)
 
 
 def write_csv(report: DiffReport, path: Path) -> None:
