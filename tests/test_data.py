@@ -10,7 +10,7 @@ import transformers
 from PIL import Image
 
 from deltakit.data import DataError, SFTDataset, collate, load_examples, write_demo_data
-from deltakit.evaluate import load_bench
+from deltakit.evaluate import evaluate, load_bench
 from deltakit.tiny import SPECIAL, VOCAB, save_tiny
 from deltakit.tiny_processor import save_tiny_processor
 
@@ -88,6 +88,19 @@ def test_image_tokens_match_the_model(tiny, processor, size):
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape == (1, enc["input_ids"].shape[1], VOCAB) and torch.isfinite(logits).all()
+
+
+def test_qwen2_vl_processor_fits_its_model(tmp_path):
+    path = save_tiny_processor(save_tiny("qwen2_vl", tmp_path / "q2vl"), family="qwen2_vl")
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.new("RGB", (112, 56), "white")], return_tensors="pt")
+    assert int((enc["input_ids"] == SPECIAL["image"]).sum()) == 8 * 4 // 4
+    with torch.no_grad():
+        logits = transformers.Qwen2VLForConditionalGeneration.from_pretrained(path)(**enc).logits
+    assert torch.isfinite(logits).all()
 
 
 def trained_spans(item, tok):
@@ -241,3 +254,5 @@ def test_finetune_end_to_end_on_real_processor(tiny, tmp_path):
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.isfinite(logits).all()
+    report = evaluate(out, demo.bench, batch_size=4, max_new_tokens=3, limit=4)
+    assert report.examples == len(report.predictions) == 4
