@@ -192,7 +192,7 @@ def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt
 
 
 def _n_images(messages: list[dict[str, Any]]) -> int:
-    return sum(isinstance(m["content"], list) and sum(p["type"] == "image" for p in m["content"]) for m in messages)
+    return sum(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"])
 
 
 class SFTDataset(Sequence):
@@ -220,7 +220,8 @@ class SFTDataset(Sequence):
         return len(self.examples)
 
     def _encode(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        return self.processor(text=[text], images=images or None, return_tensors="pt")
+        kwargs = {"images": images} if images else {}
+        return self.processor(text=[text], return_tensors="pt", **kwargs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ex = self.examples[index]
@@ -237,8 +238,8 @@ class SFTDataset(Sequence):
             if not (full.startswith(upto) and upto.startswith(head)):
                 raise DataError(f"{ex.where}: the chat template does not render assistant turn {turn} as a prefix "
                                 "of the conversation, so its tokens cannot be located")
-            seen = images[:_n_images(ex.messages[:turn + 1])]
-            start, end = (self._encode(t, seen)["input_ids"][0] for t in (head, upto))
+            start = self._encode(head, images[:_n_images(ex.messages[:turn])])["input_ids"][0]
+            end = self._encode(upto, images[:_n_images(ex.messages[:turn + 1])])["input_ids"][0]
             if not (torch.equal(ids[:len(end)], end) and torch.equal(end[:len(start)], start)):
                 raise DataError(f"{ex.where}: assistant turn {turn} does not tokenise the same alone as in the "
                                 "conversation (a token spans the turn boundary)")
