@@ -251,10 +251,10 @@ def _count_nonfinite(ckpt: Checkpoint, key: str, rows: int | None) -> int:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run torch ops single-threaded inside while ``n`` worker threads share the cores."""
+def _single_threaded_torch() -> Iterator[None]:
+    """Run torch ops single-threaded inside: the worker threads share the cores, chunks are too small to split."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1 if n > 1 else before)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -297,7 +297,7 @@ def diff(
     threads = threads or min(4, os.cpu_count() or 1)
     reducer = _Reducer(ma.ckpt, mb.ckpt, matched, chunk_elements)
     progress(0, total=sum(_numel(p) for p in matched), description="diff")
-    with _torch_threads(threads), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
+    with _single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
         for c, s in zip(chunks, pool.map(reducer, chunks)):
             sums[c.index].add(s)
             progress(s.numel, info=matched[c.index].canonical)

@@ -26,6 +26,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 _PAGE = mmap.PAGESIZE
+_FAULT_AROUND = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,18 @@ class _Shard:
         return torch.frombuffer(self._map, dtype=meta.dtype, count=meta.numel, offset=meta.offset).reshape(meta.shape)
 
     def release(self, begin: int, end: int) -> None:
-        """Drop the resident pages of ``[begin, end)``; a later read faults them in again from the file."""
+        """Drop the resident pages of ``[begin, end)`` and of the fault-around window on each side.
+
+        A page fault maps cached neighbours too (the kernel's fault-around, and whole large folios of up
+        to 2 MB where the page cache uses them), so the range is widened by 2 MB on each side, else every
+        chunk would leave pages mapped. Dropping a
+        page another reader still uses is harmless: the map is private and never written, so the page
+        faults in again from the file.
+        """
         if self._map is None or not hasattr(self._map, "madvise"):
             return
-        lo = begin - begin % _PAGE
-        hi = min(end + (-end % _PAGE), len(self._map))
+        lo = max(begin - begin % _PAGE - _FAULT_AROUND, 0)
+        hi = min(end + (-end % _PAGE) + _FAULT_AROUND, len(self._map))
         if hi > lo:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
