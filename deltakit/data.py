@@ -308,7 +308,7 @@ def _demo_item(rng: random.Random, task: str) -> tuple[Image.Image, dict[str, An
     if task == "counting":
         img = Image.new("RGB", (112, 112), "white")
         draw = ImageDraw.Draw(img)
-        cells = rng.sample(range(9), rng.randint(2, 6))
+        cells = sorted(rng.sample(range(9), rng.randint(2, 6)))  # listed in reading order
         shapes = [(rng.choice(list(_COLORS)), rng.choice(_SHAPES)) for _ in cells]
         for cell, (color, kind) in zip(cells, shapes):
             x, y = 37 * (cell % 3) + 4, 37 * (cell // 3) + 4
@@ -361,7 +361,8 @@ def write_demo_data(folder: str | os.PathLike, n: int = 64, seed: int = 0, n_ben
     sharegpt: ``messages`` with an ``<image>`` placeholder and ``images``) has answers of the form
     ``<think>reasoning</think> The answer is \\boxed{X}`` (X the option letter for multiple choice);
     its prompts are the ones ``deltakit eval`` builds. ``bench.jsonl`` (``n_bench`` records, default
-    ``max(10, n // 4)``, other seeds) is MathVista-style for ``deltakit eval``. Deterministic for a seed.
+    ``max(10, n // 4)``, drawn after the training records from the same generator) is MathVista-style for
+    ``deltakit eval``. Deterministic for a seed.
     """
     from deltakit.evaluate import BenchItem, build_prompt
 
