@@ -181,7 +181,7 @@ def generate(model: Any, processor: Any, items: list[BenchItem], max_new_tokens:
     enc = processor(text=texts, padding=True, return_tensors="pt", **kwargs).to(model.device)
     gen = copy.deepcopy(model.generation_config)
     gen.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-               pad_token_id=tokenizer.pad_token_id)
+               pad_token_id=tokenizer.pad_token_id, use_cache=True)  # fine-tuned configs may say use_cache: false
     if gen.eos_token_id is None:
         gen.eos_token_id = tokenizer.eos_token_id
     with torch.inference_mode():
