@@ -136,3 +136,12 @@ def test_cli_errors(tiny, bench, tmp_path, capsys):
         assert exc.value.code == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_evaluates_a_merged_output(tiny, bench, tmp_path):
+    from deltakit.tiny import save_partner_llm
+
+    llm = save_partner_llm(tiny, tmp_path / "llm")
+    main(["merge", "--mllm", str(tiny), "--llm", str(llm), "--method", "linear", "--alpha", "0.9", str(tmp_path / "merged")])
+    report = evaluate(tmp_path / "merged", bench, batch_size=4, max_new_tokens=3)
+    assert report.examples == len(report.predictions) == len(SCRIPT)
