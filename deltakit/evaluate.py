@@ -66,6 +66,9 @@ class BenchItem:
             raise DataError(f"{where}: answer_type {kind!r} is not one of {', '.join(ANSWER_TYPES)}")
         if kind == "multi_choice" and not choices:
             raise DataError(f"{where}: a multi_choice question needs 'choices'")
+        letters = [chr(65 + i) for i in range(len(choices or []))]
+        if kind == "multi_choice" and str(rec["answer"]) not in [str(c) for c in choices] + letters:
+            raise DataError(f"{where}: answer {rec['answer']!r} is neither one of the choices nor an option letter")
         precision = rec.get("precision")
         if precision is not None and (not isinstance(precision, (int, float)) or precision < 0):
             raise DataError(f"{where}: 'precision' must be a non-negative number of decimal places")

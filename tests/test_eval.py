@@ -130,7 +130,11 @@ def test_cli_errors(tiny, bench, tmp_path, capsys):
     bad.write_text(json.dumps(SCRIPT[0][0] | {"image": None}) + "\n" + json.dumps({"question": "q", "answer": "1", "answer_type": "list"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: answer_type 'list' is not one of"):
         load_bench(bad)
-    for args in (["eval", str(tiny), "--data", str(bad)], ["eval", str(tmp_path), "--data", str(bench)]):
+    bad.write_text(json.dumps({"question": "q", "choices": ["x", "y"], "answer": "z"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: answer 'z' is neither one of the choices nor an option letter"):
+        load_bench(bad)
+    for args in (["eval", str(tiny), "--data", str(bad)], ["eval", str(tmp_path), "--data", str(bench)],
+                 ["eval", str(tiny), "--data", str(bench), "--batch-size", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(args)
         assert exc.value.code == 1
