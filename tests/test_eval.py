@@ -110,7 +110,7 @@ def test_real_generation_is_batch_size_invariant(tiny, tmp_path):
     three = evaluate(tiny, demo.bench, batch_size=3, max_new_tokens=6)
     assert one.examples == three.examples == 6
     assert [p["output"] for p in one.predictions] == [p["output"] for p in three.predictions]
-    assert all(p["output"] for p in one.predictions)
+    assert len({p["output"] for p in one.predictions}) > 2  # outputs depend on the prompt, so padding errors would show
 
 
 def test_cli_writes_every_prediction(tiny, bench, tmp_path, capsys):
