@@ -10,7 +10,7 @@ from rich.table import Table
 from deltakit.cli._common import console, force_option, json_option, progress_bar, write_json
 from deltakit.errors import DeltakitError
 from deltakit.merge import METHODS, MergeConfig, merge
-from deltakit.merge.config import MODULE_NAMES
+from deltakit.merge.config import DEFAULT_MODULES, MODULE_NAMES
 
 
 def _modules(value: str) -> tuple[str, ...]:
@@ -37,7 +37,7 @@ def _layer_range(value: str | None) -> tuple[int, int] | None:
 @click.option("--density", type=float, help="Fraction of each delta kept (ties, dare_*).")
 @click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task_arithmetic, ties, dare_*).")
 @click.option("--keep-layers", type=int, help="layer_swap: the first K layers keep the MLLM's weights (default 5).")
-@click.option("--modules", default="attn,mlp", show_default=True, help=f"Comma-separated, from {', '.join(MODULE_NAMES)} (or attn.q ...).")
+@click.option("--modules", default=",".join(DEFAULT_MODULES), show_default=True, help=f"Comma-separated, from {', '.join(MODULE_NAMES)} (or attn.q ...).")
 @click.option("--layers", "layers", help="Merge only layers START:END (END exclusive).")
 @click.option("--out-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the written tensors (default: the MLLM's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")

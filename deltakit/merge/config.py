@@ -10,9 +10,9 @@ models:
     parameters: {weight: 0.1}
 base_model: models/Qwen2.5-7B   # required by task_arithmetic, ties, dare_*
 parameters: {normalize: true}   # shared parameters, and defaults for per-model ones
-dtype: float32                  # compute dtype (float32 or float64)
+dtype: float32                  # compute dtype (float32, float64; bfloat16/float16 as in mergekit, lossy)
 out_dtype: bfloat16             # dtype of the written tensors (default: the MLLM's own)
-modules: [attn, mlp]            # text-tower modules to merge; the rest is copied from the MLLM
+modules: [attn, mlp, norm]      # text-tower modules to merge (the default); the rest is copied from the MLLM
 layer_range: [0, 28]            # merge only layers [start, end)
 seed: 0                         # DARE's random drop
 ```
@@ -66,8 +66,8 @@ METHODS: dict[str, MethodSpec] = {
 }
 MODULE_NAMES = ("attn", "mlp", "norm", "embed", "lm_head")
 MODULE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-DEFAULT_MODULES = ("attn", "mlp")
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_MODULES = ("attn", "mlp", "norm")
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
 _TOP_KEYS = ("merge_method", "mllm", "models", "base_model", "parameters", "dtype", "out_dtype", "modules",

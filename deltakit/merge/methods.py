@@ -51,13 +51,18 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     return mixed.mul_(lambda_).add_(base)
 
 
+def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
+    """``op(x, value)`` as 0/1 in ``x``'s dtype (a float mask: much faster to build and apply than a bool one)."""
+    return op(x, value, out=torch.empty_like(x))
+
+
 class TopK:
     """Exact magnitude top-k of a tensor streamed in row-major blocks, without sorting it.
 
-    A strided sample of ``|delta|`` brackets the k-th largest magnitude in ``[lo, hi]``; one scan over the
-    blocks (:meth:`observe`) counts the entries above ``hi`` and keeps the few inside the bracket, from which
+    A sample of ``|delta|`` brackets the k-th largest magnitude in ``[lo, hi]``; one scan over the blocks
+    (:meth:`observe`) counts the entries above ``hi`` and keeps the few inside the bracket, from which
     :meth:`finish` reads the exact threshold ``t`` (a missed bracket widens and asks for another scan).
-    :meth:`mask` then keeps ``|delta| > t`` plus the first entries equal to ``t`` in row-major order, so
+    :meth:`keep` then keeps ``|delta| > t`` plus the first entries equal to ``t`` in row-major order, so
     exactly ``k = max(1, int(density * n))`` entries are kept (mergekit's count; its tie order is unspecified).
     """
 
@@ -72,7 +77,7 @@ class TopK:
         s = torch.sort(sample.reshape(-1).float().abs()).values
         q = 1 - self.k / max(numel, 1)
         pos = q * (len(s) - 1)
-        margin = 4 * (q * (1 - q) * len(s)) ** 0.5 + 2
+        margin = 6 * (q * (1 - q) * len(s)) ** 0.5 + 2
         self.lo = float(s[max(0, int(pos - margin))]) if len(s) else 0.0
         self.hi = float(s[min(len(s) - 1, int(pos + margin) + 1)]) if len(s) else float("inf")
         self._reset()
@@ -88,9 +93,9 @@ class TopK:
 
     def observe(self, a: torch.Tensor) -> None:
         """Count one block of ``|delta|`` (blocks in any order, each once per scan)."""
-        self._above += int((a > self.hi).sum())
+        self._above += int(_flag(torch.gt, a, self.hi).sum(dtype=torch.float64))
         if self.lo == self.hi:
-            self._n_inside += int((a == self.hi).sum())
+            self._n_inside += int(_flag(torch.eq, a, self.hi).sum(dtype=torch.float64))
         else:
             inside = a[(a >= self.lo) & (a <= self.hi)]
             self._inside.append(inside)
@@ -117,24 +122,39 @@ class TopK:
         self._reset()
         return False
 
-    def mask(self, a: torch.Tensor) -> torch.Tensor | None:
-        """Keep-mask of the next block of ``|delta|`` in row-major order (None: keep all)."""
+    def keep(self, a: torch.Tensor) -> torch.Tensor | None:
+        """0/1 keep-mask (``a``'s dtype) of the next block of ``|delta|`` in row-major order (None: keep all)."""
         if self.everything:
             return None
         if self._all_equal:
-            return a >= self.threshold
-        keep = a > self.threshold
+            return _flag(torch.ge, a, self.threshold)
+        keep = _flag(torch.gt, a, self.threshold)
         if self._quota > 0:
-            eq = torch.nonzero((a == self.threshold).reshape(-1)).reshape(-1)[: self._quota]
-            keep.reshape(-1)[eq] = True
-            self._quota -= eq.numel()
+            eq = _flag(torch.eq, a, self.threshold)
+            n = int(eq.sum(dtype=torch.float64))
+            if n <= self._quota:
+                keep.add_(eq)
+                self._quota -= n
+            else:
+                first = torch.nonzero(eq.reshape(-1)).reshape(-1)[: self._quota]
+                keep.reshape(-1)[first] = 1
+                self._quota = 0
         return keep
 
 
-def strided_sample(t: torch.Tensor, size: int = TopK.SAMPLE) -> torch.Tensor:
-    """About ``size`` entries of ``t`` at a fixed stride (a cheap, deterministic sample of a mapped tensor)."""
-    flat = t.reshape(-1)
-    return flat[:: max(1, flat.numel() // size)]
+def sample(t: torch.Tensor, size: int = TopK.SAMPLE) -> torch.Tensor:
+    """About ``size`` entries of ``t`` from at most 1024 evenly spaced rows, strided within each row.
+
+    Deterministic for a shape, so two tensors of one shape are sampled at the same positions; touching
+    few rows keeps the page faults (and resident memory) of sampling a memory-mapped tensor small.
+    """
+    if t.dim() < 2:
+        flat = t.reshape(-1)
+        return flat[:: max(1, flat.numel() // size)]
+    rows = t.reshape(t.shape[0], -1)
+    picked = rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], 1024)).round().long()]
+    per_row = max(1, size // picked.shape[0])
+    return picked[:, :: max(1, rows.shape[1] // per_row)]
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -143,12 +163,12 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     Entries tied with the k-th largest magnitude are taken in row-major order.
     """
     a = delta.abs()
-    top = TopK(strided_sample(a), a.numel(), density)
+    top = TopK(sample(a), a.numel(), density)
     while not top.done:
         top.observe(a)
         top.finish()
-    keep = top.mask(a)
-    return torch.ones_like(a, dtype=torch.bool) if keep is None else keep
+    keep = top.keep(a)
+    return torch.ones_like(a, dtype=torch.bool) if keep is None else keep.bool()
 
 
 DARE_BLOCK = 1 << 20
@@ -162,24 +182,26 @@ def dare_block_rows(shape: Sequence[int]) -> int:
     return max(1, DARE_BLOCK // per_row)
 
 
-def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0) -> torch.Tensor:
-    """Seeded Bernoulli(``density``) keep-mask for rows ``[first_row, first_row + shape[0])`` of a tensor.
+def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Seeded Bernoulli(``density``) 0/1 keep-mask for rows ``[first_row, first_row + shape[0])`` of a tensor.
 
-    Rows are cut in fixed blocks of :func:`dare_block_rows`; block ``j`` is ``rand < density`` from a
-    generator seeded ``seed + j``, so the mask does not depend on how the work is chunked or threaded
-    (``first_row`` must start a block).
+    Rows are cut in fixed blocks of :func:`dare_block_rows`; block ``j`` is ``rand < density`` with
+    ``rand = torch.rand(block shape)`` from a generator seeded ``seed + j``, so the mask does not depend on
+    how the work is chunked or threaded (``first_row`` must start a block).
     """
     shape = tuple(shape)
     if not shape:
-        return torch.rand((), generator=torch.Generator().manual_seed(seed)) < density
+        return torch.rand((), generator=torch.Generator().manual_seed(seed)).lt_(density).to(dtype)
     rows = dare_block_rows(shape)
     if first_row % rows:
         raise ValueError(f"first_row {first_row} does not start a DARE block of {rows} rows")
     parts = []
     for start in range(0, shape[0], rows):
         gen = torch.Generator().manual_seed(seed + (first_row + start) // rows)
-        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen) < density)
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen).lt_(density))
+    mask = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return mask.to(dtype)
 
 
 def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
@@ -187,26 +209,32 @@ def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[fl
     """``base + lambda * mix(w_i d_i)`` for sparsified deltas (modified in place).
 
     Without ``consensus`` the mix is the sum (divided by ``sum w_i`` when ``normalize``); with it, per
-    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only agreeing terms are summed
-    (divided by the sum of their weights when ``normalize``: the TIES disjoint mean).
+    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only the non-zero terms of that sign
+    are summed (divided by the sum of their weights when ``normalize``: the TIES disjoint mean). The
+    operations and their order match mergekit's, so results agree to the bit; the election is written
+    with 0/1 float masks (sum of the positive parts where + wins, of the negative parts elsewhere).
     """
     weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
-    total = weighted[0].clone()
+    total = weighted[0].clone() if len(weighted) > 1 else weighted[0]
     for d in weighted[1:]:
         total.add_(d)
     if not consensus:
-        scale = lambda_ / _safe_divisor(sum(weights)) if normalize else lambda_
-        return total.mul_(scale).add_(base)
-    sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-    mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base) if normalize else None
-    for d, w in zip(weighted, weights):
-        agree = (d * sign) > 0
-        mixed.add_(torch.where(agree, d, 0.0))
-        if divisor is not None:
-            divisor.add_(agree.to(base.dtype), alpha=float(w))
-    if divisor is not None:
-        mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        if normalize:
+            total.div_(_safe_divisor(sum(weights)))
+        return total.mul_(lambda_).add_(base)
+    up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
+    pos, neg = torch.zeros_like(base), torch.zeros_like(base)
+    for d in weighted:
+        pos.add_(d.clamp(min=0))
+        neg.add_(d.clamp(max=0))
+    mixed = pos.mul_(up).add_(neg.mul_(down))
+    if normalize:
+        w_pos, w_neg = torch.zeros_like(base), torch.zeros_like(base)
+        for d, w in zip(weighted, weights):
+            w_pos.add_(_flag(torch.gt, d, 0.0), alpha=float(w))
+            w_neg.add_(_flag(torch.lt, d, 0.0), alpha=float(w))
+        divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
+        mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
     return mixed.mul_(lambda_).add_(base)
 
 
@@ -226,7 +254,7 @@ def _dare_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities:
     for x, rho, seed in zip(tensors, densities, seeds):
         d = x - base
         if rho < 1:
-            d.mul_(random_mask(d.shape, rho, seed, first_row))
+            d.mul_(random_mask(d.shape, rho, seed, first_row, d.dtype))
             if rescale:
                 d.div_(rho)
         deltas.append(d)

@@ -154,11 +154,9 @@ def _run_ties(plan: MergePlan, writer: ShardedWriter, job: TensorJob, rows: int,
     """Stream one TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
     cd = plan.compute_dtype
     blocks = _blocks(rows, max(1, chunk_elements // _row_elements(job)))
-    base_view = job.base[0].ckpt.rows(job.base[1], 0, rows)
-    tops = []
-    for (m, k), rho in zip(job.sources, job.params["density"]):
-        sample = methods.strided_sample(m.ckpt.rows(k, 0, rows)).to(cd) - methods.strided_sample(base_view).to(cd)
-        tops.append(methods.TopK(sample, rows * _row_elements(job), rho))
+    base_sample = methods.sample(job.base[0].ckpt.rows(job.base[1], 0, rows)).to(cd)
+    tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(cd) - base_sample, rows * _row_elements(job), rho)
+            for (m, k), rho in zip(job.sources, job.params["density"])]
     while not all(t.done for t in tops):
         for a, b in blocks:
             base = _read(job.base, a, b, cd)
@@ -174,7 +172,7 @@ def _run_ties(plan: MergePlan, writer: ShardedWriter, job: TensorJob, rows: int,
         deltas = []
         for ref, top in zip(job.sources, tops):
             d = _read(ref, a, b, cd) - base
-            keep = top.mask(d.abs())
+            keep = top.keep(d.abs())
             deltas.append(d if keep is None else d.mul_(keep))
         writer.write_rows(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
         _release(job, a, b)
@@ -202,20 +200,31 @@ def _run_unit(plan: MergePlan, writer: ShardedWriter, job: TensorJob, a: int, b:
 
 
 def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_elements: int, progress: ProgressFn) -> None:
-    units: list[Callable[[], int]] = []
+    """Run every unit on ``threads`` workers, largest first (so one big tensor does not finish last alone).
+
+    With several workers each runs its tensor operations single-threaded: the units are the parallelism,
+    and nested intra-op threads would only contend for the same cores.
+    """
+    units: list[tuple[int, Callable[[], int]]] = []
     for job in plan.jobs:
         for a, b, do_merge in _units(job, plan, chunk_elements):
-            units.append(lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m, chunk_elements))
+            size = (b - a) * _row_elements(job) if job.shape else 1
+            units.append((size, lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m, chunk_elements)))
+    units.sort(key=lambda u: -u[0])
     progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
+    intra_op = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
     try:
-        pending = {pool.submit(u) for u in units}
+        pending = {pool.submit(u) for _, u in units}
         while pending:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
             for f in done:
                 progress(f.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(intra_op)
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
