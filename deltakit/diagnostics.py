@@ -19,10 +19,10 @@ import os
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -42,6 +42,8 @@ FAR_COSINE = 0.85
 # The relative L2 |A-B|/|A| that the same cosines give for equal norms, sqrt(2 - 2 cos): 0.316 and 0.548.
 CLOSE_REL_L2 = math.sqrt(2 - 2 * CLOSE_COSINE)
 FAR_REL_L2 = math.sqrt(2 - 2 * FAR_COSINE)
+
+KIND_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm", "embed", "lm_head", "other")
 
 VERDICTS = {
     "close": "close: naive merging is likely safe",
@@ -229,13 +231,31 @@ def _rows(ckpt: Checkpoint, key: str, c: _Chunk) -> torch.Tensor:
     return t.reshape(-1) if t.dim() == 0 else t[c.start : c.stop].reshape(-1)
 
 
+def _extent(p: PairedTensor) -> tuple[int, int]:
+    """Rows compared and elements per row of a matched tensor (a scalar is one row of one)."""
+    rows = p.rows if p.rows is not None else (p.shape_a[0] if p.shape_a else 1)
+    return rows, math.prod(p.shape_a[1:]) if p.shape_a else 1
+
+
 def _chunks(matched: list[PairedTensor], chunk_elements: int) -> Iterator[_Chunk]:
     for i, p in enumerate(matched):
-        rows = p.rows if p.rows is not None else (p.shape_a[0] if p.shape_a else 1)
-        per_row = math.prod(p.shape_a[1:]) if p.shape_a else 1
+        rows, per_row = _extent(p)
         step = max(1, chunk_elements // max(per_row, 1))
         for start in range(0, rows, step):
             yield _Chunk(i, start, min(start + step, rows))
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator[_Chunk], window: int) -> Iterator[tuple[_Chunk, Sums]]:
+    """``(item, fn(item))`` in order, with at most ``window`` items queued or running at a time."""
+    pending: deque = deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
 
 
 def _count_nonfinite(ckpt: Checkpoint, key: str, rows: int | None) -> int:
@@ -261,10 +281,6 @@ def _single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _as_model(m: str | os.PathLike | MappedCheckpoint, family: str | Family | None, allow_pickle: bool) -> MappedCheckpoint:
-    return m if isinstance(m, MappedCheckpoint) else open_model(m, family, allow_pickle=allow_pickle)
-
-
 def _median(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
@@ -282,23 +298,35 @@ def diff(
 ) -> DiffReport:
     """Compare the text towers of checkpoints ``a`` (usually the MLLM) and ``b`` (usually the LLM), streaming.
 
-    Raises :class:`~deltakit.errors.DeltakitError` subclasses for unreadable checkpoints, unknown
-    families and pairs with no text-tower tensor in common. Tensors with NaN/Inf are reported (a
-    warning naming them, ``nonfinite_a``/``nonfinite_b`` in their records) and left out of the layer,
-    kind and overall figures.
+    ``a`` and ``b`` are folders (or ``.safetensors`` files), opened and closed here, or already opened
+    models. Raises :class:`~deltakit.errors.DeltakitError` subclasses for unreadable checkpoints,
+    unknown families and pairs with no text-tower tensor in common. Tensors with NaN/Inf are reported
+    (a warning naming them, ``nonfinite_a``/``nonfinite_b`` in their records) and left out of the
+    layer, kind and overall figures.
     """
     t0 = time.perf_counter()
-    ma = _as_model(a, family_a, allow_pickle)
-    mb = _as_model(b, family_b, allow_pickle)
+    with contextlib.ExitStack() as opened:
+        models = []
+        for src, family in ((a, family_a), (b, family_b)):
+            if isinstance(src, MappedCheckpoint):
+                models.append(src)
+            else:
+                models.append(open_model(src, family, allow_pickle=allow_pickle))
+                opened.callback(models[-1].ckpt.close)
+        report = _diff(*models, progress=progress, threads=threads or min(4, os.cpu_count() or 1),
+                       chunk_elements=chunk_elements)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, progress: ProgressFn, threads: int, chunk_elements: int) -> DiffReport:
     pairing = pair(ma, mb)
     matched = pairing.matched
     sums = [Sums() for _ in matched]
-    chunks = list(_chunks(matched, chunk_elements))
-    threads = threads or min(4, os.cpu_count() or 1)
     reducer = _Reducer(ma.ckpt, mb.ckpt, matched, chunk_elements)
-    progress(0, total=sum(_numel(p) for p in matched), description="diff")
+    progress(0, total=sum(math.prod(_extent(p)) for p in matched), description="diff")
     with _single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
-        for c, s in zip(chunks, pool.map(reducer, chunks)):
+        for c, s in _bounded_map(pool, reducer, _chunks(matched, chunk_elements), 4 * threads):
             sums[c.index].add(s)
             progress(s.numel, info=matched[c.index].canonical)
 
@@ -327,25 +355,16 @@ def diff(
         kind_sums.setdefault(t.kind, Sums()).add(s)
         overall.add(s)
     layers = {i: s.stats() for i, s in sorted(layer_sums.items())}
-    kinds = {k: kind_sums[k].stats() for k in _KIND_ORDER if k in kind_sums}
-    med_cos = _median([s.cosine for s in layers.values()])
-    med_l2 = _median([s.l2 for s in layers.values()])
-    med_rel = _median([s.rel_l2 for s in layers.values()])
-    if not layers:
+    kinds = {k: kind_sums[k].stats() for k in KIND_ORDER if k in kind_sums}
+    if layers:
+        med_cos = _median([s.cosine for s in layers.values()])
+        med_rel = _median([s.rel_l2 for s in layers.values()])
+    else:  # no layered tensor in common (e.g. embeddings only): judge the whole matched set
         med_cos, med_rel = overall.stats().cosine, overall.stats().rel_l2
     return DiffReport(
         a=str(ma.path), b=str(mb.path), family_a=ma.family.name, family_b=mb.family.name, tensors=tensors,
-        layers=layers, kinds=kinds, overall=overall.stats(), median_layer_cosine=med_cos, median_layer_l2=med_l2,
-        median_layer_rel_l2=med_rel, verdict=verdict(med_cos, med_rel), only_a=pairing.only_a, only_b=pairing.only_b,
-        shape_mismatch=pairing.shape_mismatch, notes=pairing.notes, warnings=warnings,
-        seconds=time.perf_counter() - t0, bytes_read=bytes_read,
+        layers=layers, kinds=kinds, overall=overall.stats(), median_layer_cosine=med_cos,
+        median_layer_l2=_median([s.l2 for s in layers.values()]), median_layer_rel_l2=med_rel,
+        verdict=verdict(med_cos, med_rel), only_a=pairing.only_a, only_b=pairing.only_b,
+        shape_mismatch=pairing.shape_mismatch, notes=pairing.notes, warnings=warnings, bytes_read=bytes_read,
     )
-
-
-_KIND_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm", "embed", "lm_head", "other")
-
-
-def _numel(p: PairedTensor) -> int:
-    per_row = math.prod(p.shape_a[1:]) if p.shape_a else 1
-    rows = p.rows if p.rows is not None else (p.shape_a[0] if p.shape_a else 1)
-    return rows * per_row
