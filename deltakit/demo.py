@@ -10,7 +10,8 @@
    offline processor, and a partner *reasoning* LLM: a copy of the MLLM fine-tuned on the text-only
    chain-of-thought data with :func:`deltakit.train.finetune`, whose text tower is saved as a plain Qwen2
    LLM (:func:`deltakit.tiny.save_partner_llm` with no noise). Like the paper's pairs, both descend from
-   one model, and only the LLM has learned the reasoning format.
+   one model, and only the LLM has learned the reasoning format (its held-out text-only CoT loss, next
+   to the base's, is in the report).
 3. **diff** (:func:`deltakit.diagnostics.diff`), **merge** (linear, ``alpha`` on the MLLM, the BR2V
    baseline, :func:`deltakit.merge.merge`) and **prior** (:func:`deltakit.prior.export_prior`) of the pair.
 4. **finetune**: plain SFT and DRIFT (same data, steps, seed and learning rate; DRIFT adds the prior).
@@ -205,6 +206,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), fo
         save_tiny_processor(base)
         reasoner_vl = root / "work" / "reasoner-vl"
         reasoner_run = train(base, text, reasoner_vl, s.reasoner_steps)
+        heldout_text = text_only(heldout, root / "data" / "heldout" / "train-text.jsonl")
+        reasoner_run["heldout_text_loss"] = {"base": heldout_loss(base, heldout_text), "reasoner": heldout_loss(reasoner_vl, heldout_text)}
         llm = save_partner_llm(reasoner_vl, models / "reasoner-llm", noise=0.0, seed=s.seed)
         shutil.rmtree(root / "work")
         done("models")

@@ -45,6 +45,16 @@ def test_every_artifact_is_there(demo):
     assert "<image>" not in (out / "data" / "train-text.jsonl").read_text()
     assert report["finetune"]["drift"]["drift_tensors"] == report["prior"]["tensors"] == 20
     assert report["finetune"]["sft"]["drift_tensors"] == 0 and report["finetune"]["sft"]["steps"] == 3
+    text_loss = report["finetune"]["reasoner"]["heldout_text_loss"]
+    assert text_loss["reasoner"] < text_loss["base"]
+
+
+def test_bad_settings_are_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", str(tmp_path / "out"), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "steps must be at least 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_pair_and_merge_follow_the_formulas(demo):

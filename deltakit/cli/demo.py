@@ -51,7 +51,8 @@ def command(out: Path, steps: int, reasoner_steps: int, n_train: int, n_bench: i
                   f"relative L2 {d['median_layer_rel_l2']:.3f}, {d['matched_tensors']} tensors)")
     r = report.finetune["reasoner"]
     console.print(f"[bold]partner LLM[/bold]: the base's text tower after {r['steps']} steps on the text-only chain of "
-                  f"thought (final loss {r['final_loss']:.3f})")
+                  f"thought; held-out text-only CoT loss {r['heldout_text_loss']['reasoner']:.3f} "
+                  f"(base {r['heldout_text_loss']['base']:.3f})")
     console.print(f"[bold]prior[/bold]: {report.prior['tensors']} tensors, {report.prior['parameters']:,} parameters, "
                   f"{report.prior['dtype']}; DRIFT {settings.rule}, alpha {settings.drift_alpha:g}")
     table = Table(title=f"deltakit demo: {report.seconds:.0f} s, {n_bench} benchmark questions")
