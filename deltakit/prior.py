@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import scipy.linalg
 import torch
 
 from deltakit import __version__
@@ -96,11 +97,31 @@ class Compression:
         return f"topk:{self.fraction:g}" if self.method == "topk" else self.method
 
 
+def top_eigenvectors(gram: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r`` leading eigenvectors (columns, largest first) of a symmetric PSD matrix, in float64.
+
+    Only those are computed (LAPACK ``syevr`` through scipy), which makes the truncated SVD below several
+    times cheaper than a full SVD of the matrix.
+    """
+    n = gram.shape[0]
+    _, vecs = scipy.linalg.eigh(gram.double().numpy(), subset_by_index=[n - r, n - 1], driver="evr")
+    return torch.from_numpy(vecs[:, ::-1].copy())
+
+
 def lowrank(d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` approximation of a matrix (truncated SVD) as factors ``(U_r diag(S_r), Vh_r)``."""
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = min(rank, s.numel())
-    return u[:, :r] * s[:r], vh[:r].clone()
+    """Best rank-``rank`` approximation ``u @ v`` of a matrix (the truncated SVD), as float32 factors.
+
+    With ``V_r``/``U_r`` the leading right/left singular vectors (eigenvectors of ``D^T D`` or ``D D^T``,
+    whichever is smaller): a tall matrix gives ``(D V_r, V_r^T)``, a wide one ``(U_r, U_r^T D)``.
+    """
+    m, n = d.shape
+    r = min(rank, m, n)
+    d = d.float()
+    if m >= n:
+        v = top_eigenvectors(d.T @ d, r).float()
+        return d @ v, v.T.contiguous()
+    u = top_eigenvectors(d @ d.T, r).float()
+    return u, u.T @ d
 
 
 def topk_count(numel: int, fraction: float) -> int:
@@ -111,7 +132,14 @@ def topk_count(numel: int, fraction: float) -> int:
 def topk(d: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``topk_count`` largest-magnitude entries of ``d``: ascending flat indices and their values."""
     flat = d.reshape(-1)
-    idx = torch.topk(flat.abs(), topk_count(flat.numel(), fraction), sorted=False).indices.sort().values
+    mag = flat.abs()
+    k = topk_count(flat.numel(), fraction)
+    threshold = torch.kthvalue(mag, flat.numel() - k + 1).values
+    keep = mag > threshold
+    short = k - int(keep.sum())
+    if short:  # ties at the threshold: the first ones in row-major order
+        keep[(mag == threshold).nonzero().squeeze(1)[:short]] = True
+    idx = keep.nonzero().squeeze(1)
     return idx, flat[idx]
 
 
@@ -404,6 +432,9 @@ def _encode(job: _Job, d: torch.Tensor, dtype: torch.dtype, comp: Compression | 
 
 def _write_job(job: _Job, writer: SafetensorsWriter, dtype: torch.dtype, comp: Compression | None, normalize: bool,
                chunk_elements: int, progress: ProgressFn) -> _Stats:
+    """Compute, encode and write one prior tensor; row blocks except for topk and wide low-rank matrices."""
+    if job.encoding == "lowrank" and job.shape[0] >= job.shape[1]:
+        return _write_lowrank_tall(job, writer, dtype, normalize, chunk_elements, progress)
     stats = _Stats()
     if normalize:
         _norm_pass(job, stats, chunk_elements)
@@ -423,12 +454,43 @@ def _write_job(job: _Job, writer: SafetensorsWriter, dtype: torch.dtype, comp: C
                 writer.write(key, t.reshape(writer.specs[key].shape))
             else:
                 writer.write_rows(key, a, t)
-        stats.dot += float(torch.dot(d.reshape(-1).double(), rec.reshape(-1).double()))
-        stats.rec_sq += _sq(rec)
-        stats.err_sq += _sq(d - rec)
+        _accumulate(stats, d, rec)
         _release(job, a, b)
         progress((b - a) * math.prod(job.shape[1:]), info=job.name)
     return stats
+
+
+def _write_lowrank_tall(job: _Job, writer: SafetensorsWriter, dtype: torch.dtype, normalize: bool, chunk_elements: int,
+                        progress: ProgressFn) -> _Stats:
+    """Truncated SVD of a tall matrix in row blocks: pass 1 sums ``D^T D`` (and the norms), pass 2 writes ``u = D V_r``."""
+    stats = _Stats()
+    blocks = _blocks(job, chunk_elements)
+    gram = torch.zeros(job.shape[1], job.shape[1], dtype=torch.float64)
+    for a, b in blocks:
+        d = _d_block(job, a, b)
+        stats.d_sq += _sq(d)
+        stats.w_sq += _sq(_w_block(job, a, b).float())
+        gram += (d.T @ d).double()
+        _release(job, a, b)
+    scale = _scale(stats, normalize)
+    v = top_eigenvectors(gram, job.specs[0].shape[1]).T.to(dtype)
+    writer.write(f"{job.name}:v", v)
+    vf = v.float()
+    for a, b in blocks:
+        d = _d_block(job, a, b).mul_(scale)
+        u = (d @ vf.T).to(dtype)
+        writer.write_rows(f"{job.name}:u", a, u)
+        _accumulate(stats, d, u.float() @ vf)
+        _release(job, a, b)
+        progress((b - a) * job.shape[1], info=job.name)
+    return stats
+
+
+def _accumulate(stats: _Stats, d: torch.Tensor, rec: torch.Tensor) -> None:
+    """Add a block's <D, D~>, |D~|^2 and |D - D~|^2 (float64) to ``stats``."""
+    stats.dot += float(torch.dot(d.reshape(-1).double(), rec.reshape(-1).double()))
+    stats.rec_sq += _sq(rec)
+    stats.err_sq += _sq(d - rec)
 
 
 def _scale(stats: _Stats, normalize: bool) -> float:

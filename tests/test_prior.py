@@ -90,6 +90,9 @@ def test_default_prior_is_direct_subtraction_with_metadata(models, sd, full32):
         assert e["d_norm"] == pytest.approx(float(d.norm()), rel=1e-12)
         assert e["w_norm"] == pytest.approx(float(w.norm()), rel=1e-12)
         assert e["cosine"] == pytest.approx(1.0, abs=1e-12) and e["encoding"] == "full"
+    small = full32.with_name("chunked.safetensors")
+    export_prior(models["vl"], models["llm"], small, dtype="float32", chunk_elements=96)
+    assert all(torch.equal(t, stored[n]) for n, t in load_file(small).items())
     prior = Prior.open(full32)
     assert prior.family == "qwen2_5_vl" and sorted(prior.names) == sorted(stored)
     name = "layers.2.self_attn.k_proj.bias"
@@ -187,15 +190,16 @@ def _check_fidelity(report, prior, sd, names):
     dot = ref_sq = rec_sq = 0.0
     for name in names:
         d, rec = _direct(sd, name).double(), prior.get(name, dtype=torch.float64)
-        assert report.tensors[name]["cosine"] == pytest.approx(_cos(d, rec), abs=1e-9), name
+        assert report.tensors[name]["cosine"] == pytest.approx(_cos(d, rec), abs=1e-7), name  # float32 matmul blocking
         dot, ref_sq, rec_sq = dot + float(d.reshape(-1) @ rec.reshape(-1)), ref_sq + float(d.norm() ** 2), rec_sq + float(rec.norm() ** 2)
-    assert report.totals["cosine"] == pytest.approx(dot / math.sqrt(ref_sq * rec_sq), abs=1e-9)
+    assert report.totals["cosine"] == pytest.approx(dot / math.sqrt(ref_sq * rec_sq), abs=1e-7)
     assert report.bytes_on_disk == prior.path.stat().st_size
 
 
-def test_lowrank_error_is_the_discarded_singular_values(models, sd, tmp_path):
+@pytest.mark.parametrize("chunk", [1 << 20, 96])  # whole tensors, and row blocks of 1-3 rows
+def test_lowrank_error_is_the_discarded_singular_values(models, sd, tmp_path, chunk):
     out, rank = tmp_path / "lr.safetensors", 3
-    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress=f"lowrank:{rank}")
+    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress=f"lowrank:{rank}", chunk_elements=chunk)
     raw, prior = load_file(out), Prior.open(out)
     data = 0
     for name in prior.names:
@@ -229,9 +233,10 @@ def test_topk_keeps_exactly_the_largest(models, sd, tmp_path):
     _check_fidelity(report, prior, sd, prior.names)
 
 
-def test_int8_error_within_half_a_step(models, sd, tmp_path):
+@pytest.mark.parametrize("chunk", [1 << 20, 96])
+def test_int8_error_within_half_a_step(models, sd, tmp_path, chunk):
     out = tmp_path / "q.safetensors"
-    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress="int8")
+    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress="int8", chunk_elements=chunk)
     raw, prior = load_file(out), Prior.open(out)
     for name in prior.names:
         d = _direct(sd, name).numpy()
