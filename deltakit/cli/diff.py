@@ -123,7 +123,7 @@ def plot(report: DiffReport, path: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="A PNG with per-layer cosine and L2 curves and per-module bars.")
 @click.option("--per-tensor", is_flag=True, help="Also print the per-tensor table.")
-@click.option("--threads", type=int, help="Worker threads (default: all cores, at most 4).")
+@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: all cores, at most 4).")
 @pickle_option
 @json_option
 def command(a: Path, b: Path, family_a: str | None, family_b: str | None, csv_path: Path | None, plot_path: Path | None,
