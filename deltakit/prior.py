@@ -31,7 +31,7 @@ from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.families import classify_canonical
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import SafetensorsWriter, TensorSpec, check_output_free
-from deltakit.model import EMBED, MappedCheckpoint, open_model
+from deltakit.model import EMBED, LM_HEAD, MappedCheckpoint, open_model
 from deltakit.pairing import pair
 from deltakit.progress import ProgressFn, no_progress
 
@@ -343,7 +343,7 @@ def _plan(mllm: MappedCheckpoint, plus: MappedCheckpoint, minus: MappedCheckpoin
             raise IncompatibleError(f"{missing[0]} is in {mllm.path} but not in {other.path} ({len(missing)} selected tensors missing; "
                                     f"narrow --modules/--layers?)")
         paired[role] = {t.canonical: t for t in p.matched}
-        notes += [n for n in p.notes if n.split(":")[0] in wanted]
+        notes += [n for n in p.notes if n.split(":")[0] in wanted or (LM_HEAD in wanted and "ties lm_head" in n)]
     jobs = []
     for n in names:
         key = mllm.text[n]
