@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from deltakit.drift import DriftBias, coefficients, drift_gradient, tensor_stats
 from deltakit.errors import DeltakitError, IncompatibleError
@@ -174,3 +175,26 @@ def test_bound_prior_keeps_its_dtype_and_biases_every_step(prior_device):
         for n in PRIOR_NAMES:
             want = reference(grads[n], prior.tensors[n].float(), 0.5, "adaptive")
             torch.testing.assert_close(params["model.language_model." + n].grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compress", [None, "int8"])
+def test_bind_a_prior_file_expands_it_per_tensor(tmp_path, compress):
+    # A real `deltakit prior` file, compressed or not: each bound D is the (expanded) difference of the pair.
+    from deltakit.prior import Prior, export_prior
+    from deltakit.tiny import save_partner_llm, save_tiny
+
+    mllm = save_tiny("qwen2_5_vl", tmp_path / "mllm", seed=0)
+    llm = save_partner_llm(mllm, tmp_path / "llm", noise=0.5)
+    export_prior(mllm, llm, tmp_path / "prior.safetensors", dtype="float32", compress=compress)
+    model = build_tiny("qwen2_5_vl", seed=0)
+    bias = DriftBias.bind(model, Prior.open(tmp_path / "prior.safetensors"))
+    llm_model = transformers.Qwen2ForCausalLM.from_pretrained(llm, dtype=torch.float32)
+    want = {n.removeprefix("model."): p.detach() for n, p in llm_model.named_parameters()}
+    params = dict(model.named_parameters())
+    assert bias.num_tensors == 20
+    for t in bias.targets:
+        d = want[t.canonical] - params[t.name].detach()
+        assert t.prior.dtype == torch.float32 and t.prior.shape == d.shape
+        # int8: per-row scale max|row|/127, so each entry is within half a step.
+        tol = 0.0 if compress is None else float(d.abs().amax(dim=-1, keepdim=True).max()) / 127 / 2 + 1e-6
+        assert float((t.prior - d).abs().max()) <= tol + 1e-6, t.canonical
