@@ -100,6 +100,20 @@ def test_every_figure_matches_float64_formulas(vl, partners, dtype, chunk):
     assert report.median_layer_cosine == pytest.approx(layer_cos[LAYERS // 2], rel=1e-9)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next", "idefics2", "idefics3"])
+def test_mllm_against_its_partner_llm_across_layouts(tiny_checkpoint, tmp_path, family):
+    mllm = tiny_checkpoint(family)
+    llm = save_partner_llm(mllm, tmp_path / "llm", noise=0.1)
+    a, b = _load(mllm), _load(llm)
+    report = diff(mllm, llm)
+    assert report.only_a == report.only_b == [] and report.shape_mismatch == []
+    assert {t.key_b for t in report.tensors} == set(b)  # every LLM tensor found its MLLM counterpart
+    for t in report.tensors:
+        assert t.key_a in a and not t.key_a.startswith(("model.vision", "vision", "model.visual", "visual"))
+        _check(t.stats, _ref(a[t.key_a], b[t.key_b]))
+    assert report.verdict == "close"
+
+
 def test_identical_models_are_close_and_exact(vl):
     report = diff(vl, vl)
     assert report.verdict == "close"
