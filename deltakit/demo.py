@@ -42,6 +42,7 @@ import transformers
 
 from deltakit.data import SFTDataset, collate, load_examples, write_demo_data
 from deltakit.diagnostics import diff
+from deltakit.drift import check_rule
 from deltakit.errors import DeltakitError
 from deltakit.evaluate import evaluate
 from deltakit.io.writer import atomic_output_dir, check_output_free
@@ -89,6 +90,10 @@ class DemoSettings:
                 raise DeltakitError(f"demo: {key.replace('_', '-')} must be at least 1, not {getattr(self, key)}")
         if self.n_train < self.batch_size:
             raise DeltakitError(f"demo: n-train ({self.n_train}) must be at least the batch size ({self.batch_size})")
+        if not (self.lr > 0 and self.drift_alpha >= 0 and 0 <= self.merge_alpha <= 1):
+            raise DeltakitError(f"demo: need lr > 0, drift-alpha >= 0 and merge alpha in [0, 1] "
+                                f"(got {self.lr}, {self.drift_alpha}, {self.merge_alpha})")
+        check_rule(self.rule)
         return self
 
 
@@ -167,6 +172,8 @@ def movement(base: Path, model: Path, reasoner: Path, prior: Prior) -> tuple[flo
         dd += float(d.square().sum())
         far += float((w0 + u - r).square().sum())
         far0 += float((w0 - r).square().sum())
+    for m in (mb, mm, mr):
+        m.ckpt.close()
     cos = dot / (uu * dd) ** 0.5 if uu > 0 and dd > 0 else None
     return cos, uu ** 0.5, (far / far0) ** 0.5 if far0 > 0 else 0.0
 
