@@ -244,3 +244,28 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     path.write_text("model: m\ndata: d\nout: o\nwarmup: 3\n")
     code, err = cli(["--config", str(path)], capsys)
     assert code == 1 and "error:" in err and "unknown key 'warmup'" in err
+
+
+def test_cli_end_to_end_on_real_data_and_prior(base, tmp_path, capsys):
+    # The real path: processor + chat template on a sharegpt JSONL with images, a prior file from `deltakit prior`.
+    from deltakit.cli import main
+    from deltakit.data import write_demo_data
+    from deltakit.prior import export_prior
+    from deltakit.tiny import save_partner_llm
+
+    model = tmp_path / "mllm"
+    shutil.copytree(base, model)
+    save_tiny_processor(model)
+    llm = save_partner_llm(model, tmp_path / "llm", noise=0.3)
+    export_prior(model, llm, tmp_path / "prior.safetensors")
+    data = write_demo_data(tmp_path / "data", n=4, n_bench=1)
+    main(["finetune", "--model", str(model), "--data", str(data.train), "--out", str(tmp_path / "out"), "--prior",
+          str(tmp_path / "prior.safetensors"), "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["steps"] == 2 and result["drift_tensors"] == 20
+    assert result["drift_params"] == sum(t.numel() for n, t in load_weights(model).items()
+                                         if n.startswith("model.language_model.layers.") and "layernorm" not in n)
+    assert "20 tensors" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all({"loss", "lr", "grad_norm", "drift_cos"} <= set(r) for r in log)
+    assert all(r["tokens"] > 0 for r in log)
