@@ -534,11 +534,12 @@ def _totals(jobs: list[_Job], stats: list[_Stats] | None, normalize: bool, dtype
     out: dict[str, Any] = {"tensors": len(jobs), "params": sum(j.numel for j in jobs), "data_bytes": stored,
                            "full_bytes": full}
     if stats is None:
-        return {**out, "d_norm": _PLACEHOLDER, "w_norm": _PLACEHOLDER, "cosine": _PLACEHOLDER, "rel_error": _PLACEHOLDER}
+        return {**out, **dict.fromkeys(("d_norm", "w_norm", "cosine", "min_cosine", "rel_error"), _PLACEHOLDER)}
     scales = [_scale(s, normalize) for s in stats]
     ref_sq = sum(s.d_sq * c**2 for s, c in zip(stats, scales))
     return {**out, "d_norm": math.sqrt(sum(s.d_sq for s in stats)), "w_norm": math.sqrt(sum(s.w_sq for s in stats)),
             "cosine": _cosine(sum(s.dot for s in stats), ref_sq, sum(s.rec_sq for s in stats)),
+            "min_cosine": min(_cosine(s.dot, s.d_sq * c**2, s.rec_sq) for s, c in zip(stats, scales)),
             "rel_error": math.sqrt(sum(s.err_sq for s in stats) / ref_sq) if ref_sq else 0.0}
 
 

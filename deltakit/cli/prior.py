@@ -37,6 +37,11 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _worst(entries: dict[str, dict[str, Any]]) -> str:
+    name = min(entries, key=lambda n: entries[n]["cosine"])
+    return f"{name}: cosine {entries[name]['cosine']:.6f}"
+
+
 def _module_table(title: str, modules: dict[str, dict[str, Any]], compressed: bool) -> Table:
     table = Table(title=title)
     for col in ("module", "tensors", "params", "|D|", "|W_MLLM|", "|D|/|W|", "MB") + (("cosine",) if compressed else ()):
@@ -89,6 +94,7 @@ def export(out: Path, mllm: str, llm: str | None, from_llm: str | None, to_llm: 
     table.add_row("size", f"{report.bytes_on_disk / 1e6:.2f} MB on disk (uncompressed {t['full_bytes'] / 1e6:.2f} MB)")
     if report.compression:
         table.add_row("fidelity", f"cosine {t['cosine']:.6f}, relative error {t['rel_error']:.4g} vs the float32 D")
+        table.add_row("worst tensor", _worst(report.tensors))
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
     console.print(_module_table("per module", Prior.open(report.out).summary()["per_module"], bool(report.compression)))
@@ -125,6 +131,7 @@ def inspect(prior: Path, json_path: Path | None) -> None:
     table.add_row("size", f"{summary['bytes_on_disk']:,} bytes (uncompressed {t['full_bytes']:,})")
     if comp is not None:
         table.add_row("fidelity", f"cosine {t['cosine']:.6f}, relative error {t['rel_error']:.4g}")
+        table.add_row("worst tensor", _worst(p.entries))
     table.add_row("written by", f"deltakit {summary['deltakit_version']}, format {summary['format_version']}")
     console.print(table)
     console.print(_module_table("per module", summary["per_module"], comp is not None))
