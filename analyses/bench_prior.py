@@ -11,7 +11,8 @@ token vision tower) from seeded random weights, and two bf16 Qwen2 "reasoning" L
 
 Every export runs in its own child process (default modules attn + mlp, 24 layers, 357M parameters) and
 reports the export call's wall time and the child's peak RSS (VmHWM, not inherited across fork+exec); a
-child that only imports deltakit and torch gives the baseline RSS. Fidelity is the cosine between the
+child that only imports deltakit and torch gives the baseline RSS. One untimed export per pair first
+brings the checkpoints into the page cache, so every timed run reads warm files. Fidelity is the cosine between the
 float32 D and what Prior.get returns, as export_prior reports it. Prints a markdown table and writes
 docs/benchmarks/prior.json. Run it under the shared lock:
 
@@ -42,7 +43,6 @@ VARIANTS = [  # (pair, dtype, compression, extra export kwargs)
     ("gauss", "bfloat16", "int8", {}),
     ("gauss", "bfloat16", "topk:0.1", {}),
     ("gauss", "bfloat16", "topk:0.01", {}),
-    ("gauss", "bfloat16", "lowrank:16", {}),
     ("gauss", "bfloat16", "lowrank:64", {}),
     ("decay", "bfloat16", "int8", {}),
     ("decay", "bfloat16", "topk:0.1", {}),
@@ -174,6 +174,9 @@ def main() -> None:
             build(folder)
             print(f"built the pair in {time.perf_counter() - start:.0f} s", file=sys.stderr)
         baseline = run_child({"baseline": True})["peak_rss_mb"]
+        for pair in ("gauss", "decay"):  # untimed: bring the checkpoints into the page cache, as for every timed run
+            run_child({"mllm": str(paths["mllm"]), "llm": str(paths[pair]), "out": str(folder / "prior.safetensors"),
+                       "dtype": "bfloat16", "compress": None, "kw": {}})
         model_mb = sum(f.stat().st_size for f in paths["mllm"].glob("*.safetensors")) / 1e6
         for pair, dtype, compress, kw in VARIANTS:
             spec = {"mllm": str(paths["mllm"]), "llm": str(paths[pair]), "out": str(folder / "prior.safetensors"),
@@ -183,7 +186,7 @@ def main() -> None:
             rows.append({"pair": pair, "dtype": dtype, "compress": compress or "none", "options": kw, **r,
                          "size_ratio": t["data_bytes"] / (t["params"] * 2)})
             print(f"{pair} {dtype} {compress} {kw}: {r['seconds']:.1f} s, {r['peak_rss_mb']:.0f} MB, "
-                  f"{r['bytes_on_disk'] / 1e6:.1f} MB, cosine {t['cosine']:.4f}", file=sys.stderr)
+                  f"{r['bytes_on_disk'] / 1e6:.1f} MB, cosine {t['cosine']:.6f}", file=sys.stderr)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -193,7 +196,7 @@ def main() -> None:
         t = r["totals"]
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         lines.append(f"| {r['pair']} | {r['dtype']} | {r['compress']} | {opts} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['bytes_on_disk'] / 1e6:.1f} | {r['size_ratio']:.3f} | {t['cosine']:.4f} | {t['rel_error']:.4f} |")
+                     f"{r['bytes_on_disk'] / 1e6:.1f} | {r['size_ratio']:.3f} | {t['cosine']:.6f} | {t['rel_error']:.4f} |")
     print("\n".join(lines))
     import torch
 
