@@ -576,40 +576,50 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
     if out.suffix != ".safetensors":
         raise PriorError(f"{out}: a prior is one .safetensors file; name the output *.safetensors")
     target = open_model(mllm)
-    if not target.family.multimodal:
-        raise IncompatibleError(f"{target.path} is a text-only {target.family.name} model; --mllm must be the multimodal model the prior is for")
-    if llm is not None:
-        plus, minus, mode = open_model(llm), target, "llm-mllm"
-        sources = {"mllm": _source(target), "llm": _source(plus)}
-    else:
-        minus, plus, mode = open_model(from_llm), open_model(to_llm), "two-model"
-        if minus.family.name != plus.family.name:
-            raise IncompatibleError(f"--from is {minus.family.name} but --to is {plus.family.name}; two-model mode needs two LLMs of one family")
-        sources = {"mllm": _source(target), "from": _source(minus), "to": _source(plus)}
-    torch_dtype = DTYPES[dtype]
-    jobs, notes = _plan(target, plus, minus, modules, ranges, skip_first, alphas, torch_dtype, comp)
-    base_meta = {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "deltakit_version": __version__,
-        "family": target.family.name, "mode": mode, "sources": json.dumps(sources), "modules": json.dumps(list(modules)),
-        "layers": json.dumps(ranges), "skip_first": str(skip_first), "dtype": dtype, "normalize": json.dumps(normalize),
-        "compression": json.dumps(comp.to_dict() if comp else None), "alpha": json.dumps(alphas), "notes": json.dumps(notes),
-    }
+    opened = [target]
+    try:
+        if not target.family.multimodal:
+            raise IncompatibleError(f"{target.path} is a text-only {target.family.name} model; --mllm must be the multimodal model the prior is for")
+        if llm is not None:
+            plus, minus, mode = open_model(llm), target, "llm-mllm"
+            opened.append(plus)
+            sources = {"mllm": _source(target), "llm": _source(plus)}
+        else:
+            minus = open_model(from_llm)
+            opened.append(minus)
+            plus = open_model(to_llm)
+            opened.append(plus)
+            mode = "two-model"
+            if minus.family.name != plus.family.name:
+                raise IncompatibleError(f"--from is {minus.family.name} but --to is {plus.family.name}; two-model mode needs two LLMs of one family")
+            sources = {"mllm": _source(target), "from": _source(minus), "to": _source(plus)}
+        torch_dtype = DTYPES[dtype]
+        jobs, notes = _plan(target, plus, minus, modules, ranges, skip_first, alphas, torch_dtype, comp)
+        base_meta = {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "deltakit_version": __version__,
+            "family": target.family.name, "mode": mode, "sources": json.dumps(sources), "modules": json.dumps(list(modules)),
+            "layers": json.dumps(ranges), "skip_first": str(skip_first), "dtype": dtype, "normalize": json.dumps(normalize),
+            "compression": json.dumps(comp.to_dict() if comp else None), "alpha": json.dumps(alphas), "notes": json.dumps(notes),
+        }
 
-    def metadata(stats: list[_Stats] | None) -> dict[str, str]:
-        entries = {j.name: _entry(j, s, normalize) for j, s in zip(jobs, stats or [None] * len(jobs))}
-        return {**base_meta, "tensors": json.dumps(entries), "totals": json.dumps(_totals(jobs, stats, normalize, torch_dtype))}
+        def metadata(stats: list[_Stats] | None) -> dict[str, str]:
+            entries = {j.name: _entry(j, s, normalize) for j, s in zip(jobs, stats or [None] * len(jobs))}
+            return {**base_meta, "tensors": json.dumps(entries), "totals": json.dumps(_totals(jobs, stats, normalize, torch_dtype))}
 
-    specs = [s for j in jobs for s in j.specs]
-    progress(0, total=sum(j.numel for j in jobs), description=f"prior ({comp or dtype})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with SafetensorsWriter(out, specs, metadata(None)) as writer:
-        stats = [_write_job(j, writer, torch_dtype, comp, normalize, chunk_elements, progress) for j in jobs]
-        final = metadata(stats)
-        writer.rewrite_metadata(final)
-    if normalize:
-        zero = [j.name for j, s in zip(jobs, stats) if s.w_sq == 0.0]
-        if zero:
-            notes.append(f"{len(zero)} tensors have |W_MLLM| = 0 (e.g. {zero[0]}, zero-initialised biases): --normalize made their D 0")
+        specs = [s for j in jobs for s in j.specs]
+        progress(0, total=sum(j.numel for j in jobs), description=f"prior ({comp or dtype})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with SafetensorsWriter(out, specs, metadata(None)) as writer:
+            stats = [_write_job(j, writer, torch_dtype, comp, normalize, chunk_elements, progress) for j in jobs]
+            final = metadata(stats)
+            writer.rewrite_metadata(final)
+        if normalize:
+            zero = [j.name for j, s in zip(jobs, stats) if s.w_sq == 0.0]
+            if zero:
+                notes.append(f"{len(zero)} tensors have |W_MLLM| = 0 (e.g. {zero[0]}, zero-initialised biases): --normalize made their D 0")
+    finally:
+        for m in opened:
+            m.ckpt.close()
     return PriorReport(out, target.family.name, mode, sources, list(modules), ranges, skip_first, dtype, normalize,
                        comp.to_dict() if comp else None, json.loads(final["tensors"]), json.loads(final["totals"]), notes,
                        out.stat().st_size, time.perf_counter() - start)
