@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -15,11 +16,14 @@ from safetensors.torch import load_file, save_file
 from deltakit.cli import main
 from deltakit.errors import DeltakitError
 from deltakit.merge import MergeConfig, MergeConfigError, merge
-from deltakit.merge.methods import dare_linear, dare_ties, linear, magnitude_mask, task_arithmetic, ties
+from deltakit.merge.methods import (TopK, dare_block_rows, dare_linear, dare_ties, linear, magnitude_mask, random_mask,
+                                    task_arithmetic, ties)
 from deltakit.merge.plan import dare_seed
 from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
 
 LAYERS = 4
+MLLM_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "preprocessor_config.json",
+              "chat_template.jinja", "special_tokens_map.json")
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,6 +40,10 @@ def pair(tmp_path_factory) -> dict[str, Path]:
     vl = save_tiny("qwen2_5_vl", root / "vl", layers=LAYERS)
     llm = save_partner_llm(vl, root / "llm", noise=0.5, seed=1)
     base = save_partner_llm(vl, root / "base", noise=0.2, seed=2)
+    for name in MLLM_FILES:  # stand-ins for the processor, tokenizer and template files of a real MLLM
+        (vl / name).write_text(f"{name} of the MLLM\n")
+    (vl / "README.md").write_text("the MLLM's own model card\n")
+    (llm / "tokenizer.json").write_text("the LLM's tokenizer\n")
     return {"root": root, "vl": vl, "llm": llm, "base": base}
 
 
@@ -99,6 +107,45 @@ def test_magnitude_mask_keeps_exactly_k_with_ties_in_row_major_order():
     assert int(magnitude_mask(_rand(10, 10), 0.2).sum()) == 20
 
 
+def _topk_reference(a: torch.Tensor, density: float) -> torch.Tensor:
+    """The k largest entries of ``a`` (ties in row-major order) by a stable sort, as a bool mask."""
+    k = max(1, int(density * a.numel()))
+    keep = np.zeros(a.numel(), bool)
+    keep[np.argsort(-a.numpy().ravel(), kind="stable")[:k]] = True
+    return torch.from_numpy(keep.reshape(a.shape))
+
+
+@pytest.mark.parametrize("bracket", ["sampled", "too_low", "too_high"])
+def test_streamed_topk_is_exact_across_blocks_even_when_the_bracket_misses(bracket):
+    g = torch.Generator().manual_seed(3)
+    a = (torch.randn(40, 25, generator=g) * 8).round().abs()  # few distinct magnitudes: many ties at the k-th
+    sample = {"sampled": a.reshape(-1)[::3],
+              "too_low": torch.zeros(50), "too_high": torch.full((50,), 100.0)}[bracket]
+    top = TopK(sample, a.numel(), 0.3)
+    scans = 0
+    while not top.done:
+        for r in range(0, 40, 7):
+            top.observe(a[r:r + 7])
+        top.finish()
+        scans += 1
+    assert scans == (1 if bracket == "sampled" else 2)
+    got = torch.cat([top.keep(a[r:r + 7]) for r in range(0, 40, 7)])
+    assert got.dtype == a.dtype and torch.equal(got.bool(), _topk_reference(a, 0.3))
+
+
+def test_dare_mask_does_not_depend_on_chunking():
+    shape, rows = (2500, 1000), dare_block_rows((2500, 1000))
+    assert rows == 1048  # DARE_BLOCK = 2**20 elements per block
+    whole = random_mask(shape, 0.4, seed=9)
+    parts = [random_mask((min(rows, 2500 - r), 1000), 0.4, seed=9, first_row=r) for r in range(0, 2500, rows)]
+    assert torch.equal(whole, torch.cat(parts))
+    want = torch.cat([torch.rand((min(rows, 2500 - r), 1000), generator=torch.Generator().manual_seed(9 + j)) < 0.4
+                      for j, r in enumerate(range(0, 2500, rows))])
+    assert torch.equal(whole.bool(), want)
+    with pytest.raises(ValueError):
+        random_mask((10, 1000), 0.4, seed=9, first_row=5)
+
+
 def test_dare_formulas_with_documented_seeded_mask():
     base, a, b = _rand(64, 32, seed=7), _rand(64, 32, seed=8), _rand(64, 32, seed=9)
     seeds = [11, 12]
@@ -142,14 +189,20 @@ def test_linear_br2v_output_layout_copies_and_forward_pass(pair, tensors):
     for k in set(vl) - set(merged):  # vision, projector, embeddings, lm_head: bit-for-bit
         assert torch.equal(got[k].view(torch.uint8), vl[k].view(torch.uint8)), k
     assert len(_vision_keys(vl)) >= 20
-    for name in ("config.json", "generation_config.json"):
-        assert (out / name).read_bytes() == (pair["vl"] / name).read_bytes()
+    for name in ("config.json", "generation_config.json", *MLLM_FILES):
+        assert (out / name).read_bytes() == (pair["vl"] / name).read_bytes(), name
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model-")) == sorted(
+        ["config.json", "generation_config.json", *MLLM_FILES, "model.safetensors.index.json", "merge_report.json", "README.md"])
     rep = json.loads((out / "merge_report.json").read_text())
     actions = {t["key"]: t["action"] for t in rep["tensors"]}
     assert actions["visual.blocks.0.attn.qkv.weight"] == "copied" and actions[merged[0]] == "merged"
     assert rep["config"]["models"][0]["parameters"]["weight"] == 0.9 and report.merged == len(merged)
     card = (out / "README.md").read_text()
-    assert "merge_method: linear" in card and "weight: 0.1" in card
+    exact = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert MergeConfig.from_dict(exact).to_dict() == rep["config"] == report.config
+    assert exact["models"][1] == {"model": str(pair["llm"]), "parameters": {"weight": 0.1}}
+    assert rep["inputs"] == [{"path": str(pair["vl"]), "family": "qwen2_5_vl", "role": "model+mllm"},
+                             {"path": str(pair["llm"]), "family": "qwen2", "role": "model"}]
 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -212,6 +265,28 @@ def test_ties_and_dare_on_checkpoints(pair, tensors):
     k = "model.norm.weight"  # norms are merged by default, embeddings are not
     torch.testing.assert_close(got_t[k], _ties_reference(base[k], [vl[k], llm[k]], [0.6, 0.4], [0.3, 0.3]), atol=1e-5, rtol=1e-5)
     assert torch.equal(got_t["model.embed_tokens.weight"], vl["model.embed_tokens.weight"])
+
+
+def test_ties_streamed_in_small_blocks_on_bf16_checkpoints(tmp_path):
+    """bf16 deltas tie a lot at the k-th magnitude: the streamed top-k must still pick them in row-major order."""
+    base = save_tiny("qwen2", tmp_path / "base", layers=2, dtype=torch.bfloat16)
+    a = save_partner_llm(base, tmp_path / "a", noise=0.3, seed=1, dtype=torch.bfloat16)
+    b = save_partner_llm(base, tmp_path / "b", noise=0.3, seed=2, dtype=torch.bfloat16)
+    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": str(base), "out_dtype": "float32",
+                                 "models": [{"model": str(a), "parameters": {"weight": 0.7, "density": 0.3}},
+                                            {"model": str(b), "parameters": {"weight": 0.5, "density": 0.1}}],
+                                 "modules": ["attn", "mlp", "norm", "embed", "lm_head"]})
+    merge(cfg, tmp_path / "out", chunk_elements=100, threads=2)
+    got = _load(tmp_path / "out")
+    ta, tb, tbase = _load(a), _load(b), _load(base)
+    ties_at_threshold = 0
+    for k in got:
+        d = (ta[k].float() - tbase[k].float()).abs()
+        t = torch.kthvalue(d.reshape(-1), d.numel() - max(1, int(0.3 * d.numel())) + 1).values
+        ties_at_threshold += int((d == t).sum()) > 1
+        want = _ties_reference(tbase[k].float(), [ta[k].float(), tb[k].float()], [0.7, 0.5], [0.3, 0.1])
+        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert ties_at_threshold > 10
 
 
 def test_layer_swap_keeps_first_layers_and_layer_range(pair, tensors):
@@ -315,6 +390,34 @@ def test_cli_runs_and_force_replaces(pair, tmp_path, capsys):
     assert not torch.equal(first, second)
     assert json.loads((tmp_path / "r.json").read_text())["method"] == "linear"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.json"]
+
+
+def test_cli_full_disk_one_line_and_no_output(pair, tmp_path, capsys, monkeypatch):
+    import deltakit.io.writer as writer
+
+    real, calls = writer.os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    code, err = _cli(["merge", "--mllm", str(pair["vl"]), "--llm", str(pair["llm"]), str(tmp_path / "out")], capsys)
+    assert code == 1 and err.startswith("error:") and "disk full" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_recipe_flags_with_a_yaml_and_the_weight_warning(pair, tmp_path, capsys):
+    recipe = _yaml(tmp_path / "r.yaml", {"merge_method": "linear", "mllm": str(pair["vl"]),
+                                        "models": [{"model": str(pair["vl"]), "parameters": {"weight": 0.9}},
+                                                   {"model": str(pair["llm"]), "parameters": {"weight": 0.2}}]})
+    code, err = _cli(["merge", recipe, "--alpha", "0.5", "--lambda", "2", str(tmp_path / "o")], capsys)
+    assert code == 1 and "--alpha, --lambda cannot be combined with CONFIG.yaml" in err
+    main(["merge", recipe, str(tmp_path / "o")])
+    assert "weights sum to 1.1, not 1" in capsys.readouterr().out
+    assert (tmp_path / "o" / "merge_report.json").exists()
 
 
 def test_interrupted_merge_leaves_nothing(pair, tmp_path):

@@ -13,6 +13,10 @@ from deltakit.merge import METHODS, MergeConfig, merge
 from deltakit.merge.config import DEFAULT_MODULES, MODULE_NAMES
 
 
+_RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_", "keep_layers", "modules", "layers",
+                 "out_dtype", "seed")
+
+
 def _modules(value: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in value.split(",") if m.strip())
 
@@ -49,8 +53,11 @@ def command(args: tuple[str, ...], mllm: str | None, llm: str | None, method: st
             out_dtype: str | None, seed: int, threads: int | None, force: bool, json_path: Path | None) -> None:
     """Merge a text LLM into an MLLM's text tower: `merge --mllm A --llm B OUT` or `merge CONFIG.yaml OUT`."""
     if len(args) == 2:
-        if mllm or llm:
-            raise DeltakitError("give either CONFIG.yaml OUT or --mllm/--llm OUT, not both")
+        ctx = click.get_current_context()
+        given = [f"--{p.name.rstrip('_').replace('_', '-')}" for p in ctx.command.params
+                 if p.name in _RECIPE_FLAGS and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise DeltakitError(f"{', '.join(given)} cannot be combined with CONFIG.yaml (the file sets the whole recipe)")
         config: MergeConfig = MergeConfig.from_yaml(args[0])
     elif len(args) == 1:
         if not (mllm and llm):

@@ -16,7 +16,7 @@ Parameter names and defaults follow mergekit; see docs/merge.md for the intended
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -56,6 +56,11 @@ def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
     return op(x, value, out=torch.empty_like(x))
 
 
+def _count(flag: torch.Tensor) -> int:
+    """Number of ones in a 0/1 float mask (a float32 sum is exact below 2**24 entries)."""
+    return int(flag.sum() if flag.numel() < 1 << 24 else flag.sum(dtype=torch.float64))
+
+
 class TopK:
     """Exact magnitude top-k of a tensor streamed in row-major blocks, without sorting it.
 
@@ -93,11 +98,11 @@ class TopK:
 
     def observe(self, a: torch.Tensor) -> None:
         """Count one block of ``|delta|`` (blocks in any order, each once per scan)."""
-        self._above += int(_flag(torch.gt, a, self.hi).sum(dtype=torch.float64))
+        self._above += _count(_flag(torch.gt, a, self.hi))
         if self.lo == self.hi:
-            self._n_inside += int(_flag(torch.eq, a, self.hi).sum(dtype=torch.float64))
+            self._n_inside += _count(_flag(torch.eq, a, self.hi))
         else:
-            inside = a[(a >= self.lo) & (a <= self.hi)]
+            inside = a[_flag(torch.ge, a, self.lo).mul_(_flag(torch.le, a, self.hi)).bool()]
             self._inside.append(inside)
             self._n_inside += inside.numel()
 
@@ -131,7 +136,7 @@ class TopK:
         keep = _flag(torch.gt, a, self.threshold)
         if self._quota > 0:
             eq = _flag(torch.eq, a, self.threshold)
-            n = int(eq.sum(dtype=torch.float64))
+            n = _count(eq)
             if n <= self._quota:
                 keep.add_(eq)
                 self._quota -= n
@@ -204,6 +209,15 @@ def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int 
     return mask.to(dtype)
 
 
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Left-to-right sum into the first (fresh) tensor."""
+    it = iter(tensors)
+    out = next(it)
+    for t in it:
+        out.add_(t)
+    return out
+
+
 def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
             lambda_: float, normalize: bool) -> torch.Tensor:
     """``base + lambda * mix(w_i d_i)`` for sparsified deltas (modified in place).
@@ -215,24 +229,18 @@ def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[fl
     with 0/1 float masks (sum of the positive parts where + wins, of the negative parts elsewhere).
     """
     weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
-    total = weighted[0].clone() if len(weighted) > 1 else weighted[0]
-    for d in weighted[1:]:
-        total.add_(d)
+    total = _sum([weighted[0].clone() if len(weighted) > 1 else weighted[0], *weighted[1:]])
     if not consensus:
         if normalize:
             total.div_(_safe_divisor(sum(weights)))
         return total.mul_(lambda_).add_(base)
     up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
-    pos, neg = torch.zeros_like(base), torch.zeros_like(base)
-    for d in weighted:
-        pos.add_(d.clamp(min=0))
-        neg.add_(d.clamp(max=0))
+    pos = _sum(d.clamp(min=0) for d in weighted)
+    neg = _sum(d.clamp(max=0) for d in weighted)
     mixed = pos.mul_(up).add_(neg.mul_(down))
     if normalize:
-        w_pos, w_neg = torch.zeros_like(base), torch.zeros_like(base)
-        for d, w in zip(weighted, weights):
-            w_pos.add_(_flag(torch.gt, d, 0.0), alpha=float(w))
-            w_neg.add_(_flag(torch.lt, d, 0.0), alpha=float(w))
+        w_pos = _sum(_flag(torch.gt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
+        w_neg = _sum(_flag(torch.lt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
         divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
         mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
     return mixed.mul_(lambda_).add_(base)

@@ -157,6 +157,7 @@ def _run_ties(plan: MergePlan, writer: ShardedWriter, job: TensorJob, rows: int,
     base_sample = methods.sample(job.base[0].ckpt.rows(job.base[1], 0, rows)).to(cd)
     tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(cd) - base_sample, rows * _row_elements(job), rho)
             for (m, k), rho in zip(job.sources, job.params["density"])]
+    _release(job, 0, rows)  # sampling faulted in pages around the sampled rows
     while not all(t.done for t in tops):
         for a, b in blocks:
             base = _read(job.base, a, b, cd)
