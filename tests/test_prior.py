@@ -320,6 +320,19 @@ def test_cli_validation_errors(models, full32, tmp_path, capsys):
     assert not list(tmp_path.glob("[a-h].safetensors")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_interrupted_export_leaves_nothing(models, tmp_path):
+    seen = []
+
+    def stop(advance, total=None, description=None, info=""):
+        seen.append(info)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_prior(models["vl"], models["llm"], tmp_path / "p.safetensors", compress="int8", progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rewrite_metadata_keeps_tensors_in_place(tmp_path):
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     with SafetensorsWriter(tmp_path / "x.safetensors", [TensorSpec("t", torch.float32, (2, 3))], {"k": "x" * 40}) as w:
