@@ -369,6 +369,9 @@ def test_bind_to_qwen25_vl_and_wrong_family(models, sd, full32):
         names, shape, get, alpha = prior.names, prior.shape, prior.get, prior.alpha
 
     assert DriftBias.bind(other, NoFamily()).num_tensors == LAYERS * 10
+    wide = build_tiny("qwen2_5_vl", layers=LAYERS, intermediate=96)
+    with pytest.raises(IncompatibleError, match=r"prior tensor 'layers.0.mlp.down_proj.weight' has shape \(32, 64\)"):
+        DriftBias.bind(wide, prior)
 
 
 def test_library_errors_are_deltakit_errors(models, tmp_path):
