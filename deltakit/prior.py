@@ -610,7 +610,11 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
         progress(0, total=sum(j.numel for j in jobs), description=f"prior ({comp or dtype})")
         out.parent.mkdir(parents=True, exist_ok=True)
         with SafetensorsWriter(out, specs, metadata(None)) as writer:
-            stats = [_write_job(j, writer, torch_dtype, comp, normalize, chunk_elements, progress) for j in jobs]
+            stats = []
+            for j in jobs:
+                stats.append(_write_job(j, writer, torch_dtype, comp, normalize, chunk_elements, progress))
+                if not (math.isfinite(stats[-1].d_sq) and math.isfinite(stats[-1].w_sq)):
+                    raise PriorError(f"{j.name}: NaN or Inf in the inputs ({j.plus[1]} / {j.minus[1]}); nothing was written")
             final = metadata(stats)
             writer.rewrite_metadata(final)
         if normalize:

@@ -315,9 +315,16 @@ def test_cli_validation_errors(models, full32, tmp_path, capsys):
     _one_error(["prior", "--mllm", vl, "--llm", str(wide), str(tmp_path / "f.safetensors")], capsys, "shape")
     short = save_partner_llm(save_tiny("qwen2_5_vl", tmp_path / "vl2", layers=2), tmp_path / "short")
     _one_error(["prior", "--mllm", vl, "--llm", str(short), str(tmp_path / "g.safetensors")], capsys, "not in")
+    bad = _load(models["llm"])
+    bad["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    (tmp_path / "nan").mkdir()
+    save_file(bad, tmp_path / "nan" / "model.safetensors")
+    (tmp_path / "nan" / "config.json").write_bytes((models["llm"] / "config.json").read_bytes())
+    _one_error(["prior", "--mllm", vl, "--llm", str(tmp_path / "nan"), str(tmp_path / "g2.safetensors")], capsys,
+               "layers.1.mlp.up_proj.weight: NaN or Inf")
     tied = save_tiny("qwen2_5_vl", tmp_path / "tied", layers=2, tie=True)
     _one_error(["prior", "--mllm", str(tied), "--llm", str(tied), str(tmp_path / "h.safetensors"), "--modules", "lm_head"], capsys, "ties lm_head")
-    assert not list(tmp_path.glob("[a-h].safetensors")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob("[a-h].safetensors")) and not (tmp_path / "g2.safetensors").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_interrupted_export_leaves_nothing(models, tmp_path):
