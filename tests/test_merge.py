@@ -375,6 +375,8 @@ def test_cli_bad_input_one_error_line(pair, tmp_path, capsys):
         assert code == 1 and msg in err and err.startswith("error:"), (msg, err)
     code, err = _cli(["merge", "--mllm", vl, "--llm", llm, "--method", "ties", str(tmp_path / "o9")], capsys)
     assert code == 1 and "needs a base_model" in err
+    code, err = _cli(["merge", "--mllm", vl, "--llm", llm, "--force", llm], capsys)
+    assert code == 1 and "would replace one of the inputs" in err and (pair["llm"] / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.yaml", "c1.yaml", "c2.yaml", "c3.yaml", "c4.yaml", "out", "wide"]
     with pytest.raises(MergeConfigError, match="no 'weight'"):
         MergeConfig.from_dict({"merge_method": "linear", "models": [vl, llm]})

@@ -58,7 +58,7 @@ CASES = {
                          "models": _models(m, {"weight": [{"filter": "mlp", "value": [0.9, 0.2]}, {"value": 0.7}]},
                                            {"weight": 0.4})},
     "task_arithmetic": lambda m: {"merge_method": "task_arithmetic", "base_model": m["base"],
-                                  "models": _models(m, {"weight": [1.0, 0.3]}, {"weight": 0.5}),
+                                  "models": _models(m, {"weight": [1.0, 0.3, 0.8]}, {"weight": 0.5}),
                                   "parameters": {"lambda": 0.8}},
     "ties": lambda m: {"merge_method": "ties", "base_model": m["base"],
                        "models": _models(m, {"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.2}),

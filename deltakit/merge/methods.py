@@ -24,8 +24,9 @@ from deltakit.errors import DeltakitError
 
 
 def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights):
+    """``sum w_i x_i`` into a new tensor (the inputs may be read-only mapped views)."""
+    out = torch.mul(tensors[0], float(weights[0]))
+    for t, w in zip(tensors[1:], weights[1:]):
         out.add_(t, alpha=float(w))
     return out
 
@@ -37,8 +38,9 @@ def _safe_divisor(total: float) -> float:
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``)."""
     out = _weighted(tensors, weights)
-    if normalize:
-        out.div_(_safe_divisor(sum(weights)))
+    divisor = _safe_divisor(sum(weights))
+    if normalize and divisor != 1.0:
+        out.div_(divisor)
     return out
 
 

@@ -1,11 +1,11 @@
 """Running a merge plan: stream every output tensor through a thread pool into an atomic sharded output.
 
-Work is cut into units (a row block of one tensor; a whole tensor for the sparsifying methods, whose
-magnitude top-k and random drop are defined per tensor). Each unit reads its rows from the memory-mapped
-inputs, computes in the compute dtype, casts, writes with ``pwrite`` at the tensor's fixed offset and
-drops the input pages again, so reads, compute and writes of different units overlap across threads and
-resident memory stays at a few row blocks per thread. Copies move raw bytes (no dtype round trip).
-"""
+Work is cut into units: a row block of one tensor (a DARE block for ``dare_*``), or a whole tensor for
+``ties``, whose top-k threshold is defined per tensor (found from a sample and one streaming scan).
+Units run largest first. Each reads its rows with ``pread`` into reused per-thread buffers, computes in
+the compute dtype, casts and writes with ``pwrite`` at the tensor's fixed offset, so reads, compute and
+writes of different units overlap across threads and resident memory stays at a few row blocks per
+thread. Copies move raw bytes (no dtype round trip)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,21 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from deltakit import __version__
+from deltakit.errors import CheckpointError
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
-from deltakit.merge.config import MergeConfig
+from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge import methods
 from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
 from deltakit.model import MappedCheckpoint
@@ -32,7 +35,7 @@ from deltakit.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+DEFAULT_CHUNK_ELEMENTS = 1 << 19
 REPORT_NAME = "merge_report.json"
 CARD_NAME = "README.md"
 _SKIP_FILES = (REPORT_NAME, CARD_NAME)
@@ -97,6 +100,9 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
     if not isinstance(config, MergeConfig):
         config = MergeConfig.from_yaml(config)
     out = check_output_free(out, force)
+    inputs = [m.model for m in config.models] + ([config.base_model.model] if config.base_model else [])
+    if any(Path(p).absolute() == out.absolute() for p in inputs):
+        raise MergeConfigError(f"{out}: the output would replace one of the inputs")
     start = time.perf_counter()
     plan = plan_merge(config)
     try:
@@ -140,9 +146,59 @@ def _row_elements(job: TensorJob) -> int:
     return per_row
 
 
-def _read(ref: tuple[MappedCheckpoint, str], a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``[a, b)`` in ``dtype``: possibly the mapped view itself, so never modify it in place (pages are shared)."""
-    return ref[0].ckpt.rows(ref[1], a, b).to(dtype)
+class RowReader:
+    """Reads row ranges of input tensors with ``pread`` into per-thread buffers that are reused.
+
+    Cheaper than faulting memory-mapped pages in and dropping them again (no page faults, nothing stays
+    mapped, no allocation per block). A returned tensor is valid until the same thread reads into the
+    same ``slot`` again, and must not be modified.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def read(self, ref: tuple[MappedCheckpoint, str], a: int, b: int, dtype: torch.dtype, slot: object) -> torch.Tensor:
+        """Rows ``[a, b)`` of tensor ``ref = (checkpoint, key)`` in ``dtype``."""
+        meta = ref[0].ckpt.meta(ref[1])
+        if meta.file == "pickle":
+            return ref[0].ckpt.rows(ref[1], a, b).to(dtype)
+        shape = (b - a, *meta.shape[1:])
+        count = (b - a) * prod(meta.shape[1:])
+        raw = self._buffer(("raw", slot), count * meta.dtype.itemsize, torch.uint8)
+        self._pread(meta.file, raw, meta.offset + a * prod(meta.shape[1:]) * meta.dtype.itemsize)
+        rows = raw.view(meta.dtype).reshape(shape)
+        if meta.dtype == dtype:
+            return rows
+        return self._buffer(("cast", slot), count, dtype).reshape(shape).copy_(rows)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _buffer(self, name: tuple, count: int, dtype: torch.dtype) -> torch.Tensor:
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < count:
+            buf = buffers[name] = torch.empty(count, dtype=dtype)
+        return buf[:count]
+
+    def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            fd = self._fds[file]
+        view = memoryview(out.numpy()).cast("B")
+        while view:
+            try:
+                n = os.preadv(fd, [view], offset)
+            except OSError as exc:
+                raise CheckpointError(f"{file}: read failed ({exc.strerror})") from None
+            if n == 0:
+                raise CheckpointError(f"{file}: file ends before byte {offset} (truncated while merging?)")
+            view, offset = view[n:], offset + n
 
 
 def _release(job: TensorJob, a: int, b: int) -> None:
@@ -150,53 +206,48 @@ def _release(job: TensorJob, a: int, b: int) -> None:
         m.ckpt.release(k, a, b)
 
 
-def _run_ties(plan: MergePlan, writer: ShardedWriter, job: TensorJob, rows: int, chunk_elements: int) -> None:
+def _run_ties(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: TensorJob, rows: int,
+              chunk_elements: int) -> None:
     """Stream one TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
     cd = plan.compute_dtype
     blocks = _blocks(rows, max(1, chunk_elements // _row_elements(job)))
     base_sample = methods.sample(job.base[0].ckpt.rows(job.base[1], 0, rows)).to(cd)
     tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(cd) - base_sample, rows * _row_elements(job), rho)
             for (m, k), rho in zip(job.sources, job.params["density"])]
-    _release(job, 0, rows)  # sampling faulted in pages around the sampled rows
+    _release(job, 0, rows)  # sampling faulted in mapped pages around the sampled rows
     while not all(t.done for t in tops):
         for a, b in blocks:
-            base = _read(job.base, a, b, cd)
-            for ref, top in zip(job.sources, tops):
+            base = reader.read(job.base, a, b, cd, "base")
+            for i, (ref, top) in enumerate(zip(job.sources, tops)):
                 if not top.done:
-                    top.observe((_read(ref, a, b, cd) - base).abs_())
-            _release(job, a, b)
+                    top.observe((reader.read(ref, a, b, cd, i) - base).abs_())
         for top in tops:
             if not top.done:
                 top.finish()
     for a, b in blocks:
-        base = _read(job.base, a, b, cd)
+        base = reader.read(job.base, a, b, cd, "base")
         deltas = []
-        for ref, top in zip(job.sources, tops):
-            d = _read(ref, a, b, cd) - base
+        for i, (ref, top) in enumerate(zip(job.sources, tops)):
+            d = reader.read(ref, a, b, cd, i) - base
             keep = top.keep(d.abs())
             deltas.append(d if keep is None else d.mul_(keep))
         writer.write_rows(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
-        _release(job, a, b)
 
 
-def _run_unit(plan: MergePlan, writer: ShardedWriter, job: TensorJob, a: int, b: int, do_merge: bool,
-              chunk_elements: int) -> int:
-    mllm = plan.mllm.ckpt
+def _run_unit(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: TensorJob, a: int, b: int,
+              do_merge: bool, chunk_elements: int) -> int:
     if not job.shape:
-        writer.write(job.key, mllm.get(job.key).to(job.out_dtype))
+        writer.write(job.key, plan.mllm.ckpt.get(job.key).to(job.out_dtype))
         return job.nbytes
     if do_merge and plan.config.merge_method == "ties":
-        _run_ties(plan, writer, job, b, chunk_elements)
+        _run_ties(plan, writer, reader, job, b, chunk_elements)
     elif do_merge:
         cd = plan.compute_dtype
-        tensors = [_read(ref, a, b, cd) for ref in job.sources]
-        base = _read(job.base, a, b, cd) if job.base else None
+        tensors = [reader.read(ref, a, b, cd, i) for i, ref in enumerate(job.sources)]
+        base = reader.read(job.base, a, b, cd, "base") if job.base else None
         writer.write_rows(job.key, a, job.compute(base, tensors, a).to(job.out_dtype))
-        _release(job, a, b)
     else:
-        rows = mllm.rows(job.key, a, b)
-        writer.write_rows(job.key, a, rows if rows.dtype == job.out_dtype else rows.to(job.out_dtype))
-        mllm.release(job.key, a, b)
+        writer.write_rows(job.key, a, reader.read((plan.mllm, job.key), a, b, job.out_dtype, "copy"))
     return (b - a) * _row_elements(job) * job.out_dtype.itemsize
 
 
@@ -206,11 +257,13 @@ def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_element
     With several workers each runs its tensor operations single-threaded: the units are the parallelism,
     and nested intra-op threads would only contend for the same cores.
     """
+    reader = RowReader()
     units: list[tuple[int, Callable[[], int]]] = []
     for job in plan.jobs:
         for a, b, do_merge in _units(job, plan, chunk_elements):
             size = (b - a) * _row_elements(job) if job.shape else 1
-            units.append((size, lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, job, a, b, m, chunk_elements)))
+            units.append((size, lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, reader, job, a, b, m,
+                                                                                 chunk_elements)))
     units.sort(key=lambda u: -u[0])
     progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
     intra_op = torch.get_num_threads()
@@ -226,6 +279,7 @@ def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_element
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(intra_op)
+        reader.close()
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
