@@ -31,6 +31,11 @@ def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torc
     return out
 
 
+def _scaled(t: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """``t * lambda`` in place (skipped for 1, which changes nothing)."""
+    return t if lambda_ == 1 else t.mul_(lambda_)
+
+
 def _safe_divisor(total: float) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
@@ -50,7 +55,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     mixed = _weighted([x - base for x in tensors], weights)
     if normalize:
         mixed.div_(_safe_divisor(sum(weights)))
-    return mixed.mul_(lambda_).add_(base)
+    return _scaled(mixed, lambda_).add_(base)
 
 
 def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
@@ -235,7 +240,7 @@ def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[fl
     if not consensus:
         if normalize:
             total.div_(_safe_divisor(sum(weights)))
-        return total.mul_(lambda_).add_(base)
+        return _scaled(total, lambda_).add_(base)
     up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
     pos = _sum(d.clamp(min=0) for d in weighted)
     neg = _sum(d.clamp(max=0) for d in weighted)
@@ -245,7 +250,7 @@ def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[fl
         w_neg = _sum(_flag(torch.lt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
         divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
         mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
-    return mixed.mul_(lambda_).add_(base)
+    return _scaled(mixed, lambda_).add_(base)
 
 
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
