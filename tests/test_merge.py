@@ -244,6 +244,19 @@ def test_task_arithmetic_all_modules_with_gradient_and_filter(pair, tensors):
         torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-5)
 
 
+def test_task_arithmetic_with_the_mllm_as_base(pair, tensors):
+    """MLLM + lambda * w * (LLM - MLLM): the MLLM only as base_model is still the output's layout."""
+    cfg = MergeConfig.from_dict({"merge_method": "task_arithmetic", "base_model": str(pair["vl"]),
+                                 "models": [{"model": str(pair["llm"]), "parameters": {"weight": 0.5}}],
+                                 "parameters": {"lambda": 0.4}})
+    merge(cfg, pair["root"] / "ta_base")
+    got, vl, llm = _load(pair["root"] / "ta_base"), tensors["vl"], tensors["llm"]
+    assert set(got) == set(vl)
+    k = "model.layers.3.self_attn.v_proj.bias"
+    torch.testing.assert_close(got[k], vl[k] + 0.4 * 0.5 * (llm[k] - vl[k]))
+    assert torch.equal(got["visual.merger.mlp.0.weight"], vl["visual.merger.mlp.0.weight"])
+
+
 def test_ties_and_dare_on_checkpoints(pair, tensors):
     vl, llm, base = tensors["vl"], tensors["llm"], tensors["base"]
     common = {"mllm": str(pair["vl"]), "base_model": str(pair["base"]), "seed": 3,

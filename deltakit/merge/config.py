@@ -219,9 +219,9 @@ class MergeConfig:
             raise MergeConfigError(f"seed must be an integer, got {self.seed!r}")
         if not self.non_base:
             raise MergeConfigError("no model to merge besides the base_model")
-        paths = [m.model for m in self.models]
+        paths = [m.model for m in self.models] + ([self.base_model.model] if spec.needs_base else [])
         if self.mllm is not None and self.mllm not in paths:
-            raise MergeConfigError(f"mllm {self.mllm!r} is not one of the models")
+            raise MergeConfigError(f"mllm {self.mllm!r} is not one of the models (or the base_model)")
         if spec.name == "layer_swap" and self.mllm is None and len(self.models) < 2:
             raise MergeConfigError("layer_swap needs the MLLM and at least one other model")
         allowed = set(spec.shared_params) | set(spec.model_params)

@@ -101,7 +101,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
 def _choose_mllm(config: MergeConfig, inputs: dict[str, MappedCheckpoint]) -> str:
     if config.mllm is not None:
         return config.mllm
-    multimodal = list(dict.fromkeys(m.model for m in config.models if inputs[m.model].family.multimodal))
+    multimodal = [p for p in inputs if inputs[p].family.multimodal]
     if len(multimodal) > 1:
         raise MergeConfigError(f"several multimodal models ({', '.join(multimodal)}); say which one is the output's with mllm:")
     return multimodal[0] if multimodal else config.models[0].model
