@@ -45,7 +45,6 @@ class MethodSpec:
 
     name: str
     needs_base: bool
-    elementwise: bool
     model_params: dict[str, Any]
     shared_params: dict[str, Any]
 
@@ -54,14 +53,14 @@ _GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("linear", False, True, {"weight": None}, {"normalize": True}),
-        MethodSpec("task_arithmetic", True, True, {"weight": None}, {**_GTA_SHARED, "normalize": False}),
-        MethodSpec("ties", True, False, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}),
-        MethodSpec("dare_linear", True, False, {"weight": None, "density": 1.0},
+        MethodSpec("linear", False, {"weight": None}, {"normalize": True}),
+        MethodSpec("task_arithmetic", True, {"weight": None}, {**_GTA_SHARED, "normalize": False}),
+        MethodSpec("ties", True, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}),
+        MethodSpec("dare_linear", True, {"weight": None, "density": 1.0},
                    {**_GTA_SHARED, "normalize": False, "rescale": True}),
-        MethodSpec("dare_ties", True, False, {"weight": None, "density": 1.0},
+        MethodSpec("dare_ties", True, {"weight": None, "density": 1.0},
                    {**_GTA_SHARED, "normalize": False, "rescale": True}),
-        MethodSpec("layer_swap", False, True, {"weight": None}, {"keep_layers": 5, "normalize": True}),
+        MethodSpec("layer_swap", False, {"weight": None}, {"keep_layers": 5, "normalize": True}),
     )
 }
 MODULE_NAMES = ("attn", "mlp", "norm", "embed", "lm_head")

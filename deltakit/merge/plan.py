@@ -65,7 +65,6 @@ class MergePlan:
     inputs: dict[str, MappedCheckpoint]
     jobs: list[TensorJob]
     compute_dtype: torch.dtype
-    elementwise: bool
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -89,7 +88,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             if e.model not in inputs:
                 inputs[e.model] = open_model(e.model, e.family)
         mllm_path = _choose_mllm(config, inputs)
-        plan = MergePlan(config, inputs[mllm_path], inputs, [], COMPUTE_DTYPES[config.dtype], config.spec.elementwise)
+        plan = MergePlan(config, inputs[mllm_path], inputs, [], COMPUTE_DTYPES[config.dtype])
         _build_jobs(plan, mllm_path)
     except BaseException:
         for m in inputs.values():
