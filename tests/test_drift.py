@@ -10,6 +10,8 @@ from deltakit.drift import DriftBias, coefficients, drift_gradient, tensor_stats
 from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.tiny import build_tiny
 
+from train_helpers import DictPrior
+
 
 def reference(g: torch.Tensor, d: torch.Tensor, a: float, rule: str) -> torch.Tensor:
     """The paper's rules written out in float64 with numpy-style explicit sums."""
@@ -73,24 +75,6 @@ def test_stats_summed_over_shards_equal_whole_tensor(rule):
 def test_unknown_rule():
     with pytest.raises(DeltakitError, match="unknown DRIFT rule"):
         drift_gradient(torch.ones(2), torch.ones(2), 1.0, "median")
-
-
-class DictPrior:
-    """A prior held in a dict (the PriorSource protocol), for binding tests without files."""
-
-    def __init__(self, tensors, alphas=None):
-        self.tensors = tensors
-        self.names = list(tensors)
-        self.alphas = alphas or {}
-
-    def shape(self, name):
-        return tuple(self.tensors[name].shape)
-
-    def get(self, name, dtype=None, device=None):
-        return self.tensors[name].to(device=device or "cpu", dtype=dtype or self.tensors[name].dtype)
-
-    def alpha(self, name):
-        return self.alphas.get(name, 1.0)
 
 
 PRIOR_NAMES = ["layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight", "layers.1.mlp.down_proj.weight"]
