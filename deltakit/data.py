@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,22 +165,28 @@ def parse_record(record: Any, base: Path, where: str) -> Example:
     return Example(messages, images, where)
 
 
-def load_examples(path: str | os.PathLike) -> list[Example]:
-    """Every record of a training JSONL (blank lines skipped); a bad record raises :class:`DataError` naming ``file:line``."""
+def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """``(record, "file:line")`` for each non-blank line of a JSONL file of ``what`` (e.g. "training data").
+
+    A missing file or a line that is not JSON raises :class:`DataError` naming the file (and line).
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: training data not found")
-    out = []
+        raise DataError(f"{path}: {what} not found")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                yield json.loads(line), where
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(parse_record(record, path.parent, where))
+
+
+def load_examples(path: str | os.PathLike) -> list[Example]:
+    """Every record of a training JSONL (blank lines skipped); a bad record raises :class:`DataError` naming ``file:line``."""
+    out = [parse_record(record, Path(path).parent, where) for record, where in iter_jsonl(path, "training data")]
     if not out:
         raise DataError(f"{path}: no records")
     return out

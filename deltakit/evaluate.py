@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from deltakit.answers import ANSWER_TYPES, score
-from deltakit.data import DataError, open_image, render, resolve_image
+from deltakit.data import DataError, iter_jsonl, open_image, render, resolve_image
 from deltakit.errors import CheckpointError, DeltakitError
 from deltakit.progress import ProgressFn, no_progress
 
@@ -83,21 +83,11 @@ class BenchItem:
 
 def load_bench(path: str | os.PathLike, limit: int | None = None) -> list[BenchItem]:
     """The first ``limit`` (all when None) questions of a benchmark JSONL."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: benchmark file not found")
     items = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            items.append(BenchItem.from_record(rec, path.parent, f"{path}:{lineno}"))
+    for rec, where in iter_jsonl(path, "benchmark file"):
+        if limit is not None and len(items) >= limit:
+            break
+        items.append(BenchItem.from_record(rec, Path(path).parent, where))
     if not items:
         raise DataError(f"{path}: no questions")
     return items
