@@ -1,4 +1,4 @@
-"""The built-in demo: the whole DRIFT pipeline on tiny models and synthetic data, offline, in minutes on a CPU.
+"""The built-in demo: the whole DRIFT pipeline on tiny models and synthetic data, offline, in seconds on a CPU.
 
 :func:`run_demo` builds everything it needs and then runs every deltakit stage on it, in order:
 
@@ -63,7 +63,7 @@ MODELS = ("base", "merged", "sft", "drift")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes and hyper-parameters of the demo (the defaults run in about a minute on 2 idle CPU cores).
+    """Sizes and hyper-parameters of the demo (the defaults run in under 10 s on 2 idle CPU cores).
 
     The learning rate is far above the paper's 1e-6 so that tiny models learn something in a few dozen
     steps. At such a rate AdamW turns the prior term, which points the same way every step, into near

@@ -38,7 +38,7 @@ def command(out: Path, steps: int, reasoner_steps: int, n_train: int, n_bench: i
             rule: str, drift_alpha: float, seed: int, force: bool, json_path: Path | None) -> None:
     """Build a tiny Qwen2.5-VL model, a partner reasoning LLM and synthetic data, then run every stage into OUT.
 
-    Offline, a few minutes on a CPU: diff of the pair, linear merge, prior export, plain SFT vs DRIFT, and eval
+    Offline, seconds on a CPU: diff of the pair, linear merge, prior export, plain SFT vs DRIFT, and eval
     of base, merged, SFT and DRIFT. OUT/demo.json holds the summary; docs/demo.md explains each number.
     """
     settings = DemoSettings(steps=steps, reasoner_steps=reasoner_steps, n_train=n_train, n_bench=n_bench,
