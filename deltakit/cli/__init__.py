@@ -16,8 +16,8 @@ from deltakit.errors import DeltakitError
 COMMAND_MODULES: tuple[str, ...] = (
     "diff",
     "merge",
-    "finetune",
     "prior",
+    "finetune",
     "eval",
     "demo",
 )
