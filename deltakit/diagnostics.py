@@ -1,14 +1,14 @@
 """``diff``: how far apart two checkpoints' text towers are in parameter space (the paper's Figure 2).
 
 For every tensor matched by :func:`deltakit.pairing.pair` the stream accumulates four float64 sums,
-``A.B``, ``|A|^2``, ``|B|^2`` and ``|A-B|^2``, chunk by chunk straight from the memory maps. Cosines
+``A.B``, ``|A|^2``, ``|B|^2`` and ``|A-B|^2``, chunk by chunk straight from the files. Cosines
 and L2 distances per tensor, per layer (all matched tensors of a layer as one vector), per module kind
 and for the whole text tower all follow from those sums, so the data is read exactly once.
 
-Speed: row chunks of the mmap are converted into per-thread float64 buffers and reduced with one small
-matrix product (a 2x2 Gram matrix) plus one dot product; several threads overlap page faults and math
-(torch releases the GIL), and every chunk's pages are handed back to the kernel once reduced, so the
-peak memory is a few chunk buffers whatever the model size.
+Speed: row chunks are read with ``pread`` (no page faults, nothing stays mapped) into per-thread
+buffers, converted to float64 and reduced with four float64 dot products; several threads overlap
+reads and math (torch releases the GIL), so the peak memory is a few chunk buffers whatever the model
+size.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 
 from deltakit.families import Family
 from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.reader import RowReader
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, pair
 from deltakit.progress import ProgressFn, no_progress
@@ -193,42 +194,23 @@ class _Chunk:
 
 
 class _Reducer:
-    """Per-thread float64 buffers; reduces one row chunk of a tensor pair to :class:`Sums`."""
+    """Reduces one row chunk of a tensor pair to :class:`Sums` (float64 copies read with ``pread``)."""
 
-    def __init__(self, a: Checkpoint, b: Checkpoint, matched: list[PairedTensor], chunk_elements: int):
-        self.a, self.b, self.matched, self.chunk_elements = a, b, matched, chunk_elements
+    def __init__(self, a: Checkpoint, b: Checkpoint, matched: list[PairedTensor], reader: RowReader):
+        self.a, self.b, self.matched, self.reader = a, b, matched, reader
         self._local = threading.local()
-
-    def _buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bufs = getattr(self._local, "bufs", None)
-        if bufs is None or bufs[0].shape[1] < n:
-            size = max(n, self.chunk_elements)
-            bufs = (torch.empty(2, size, dtype=torch.float64), torch.empty(size, dtype=torch.float64))
-            self._local.bufs = bufs
-        return bufs
 
     def __call__(self, c: _Chunk) -> Sums:
         p = self.matched[c.index]
-        va = _rows(self.a, p.key_a, c)
-        vb = _rows(self.b, p.key_b, c)
+        va = self.reader.read(self.a, p.key_a, c.start, c.stop, torch.float64, "a").reshape(-1)
+        vb = self.reader.read(self.b, p.key_b, c.start, c.stop, torch.float64, "b").reshape(-1)
         n = va.numel()
-        g, d = self._buffers(n)
-        g = g[:, :n]
-        g[0].copy_(va)
-        g[1].copy_(vb)
-        del va, vb
-        self.a.release(p.key_a, c.start, c.stop)
-        self.b.release(p.key_b, c.start, c.stop)
-        d = torch.sub(g[0], g[1], out=d[:n])
-        gram = torch.mm(g, g.T)
-        dd = torch.dot(d, d)
-        dot, aa, bb = gram[0, 1].item(), gram[0, 0].item(), gram[1, 1].item()
-        return Sums(dot, aa, bb, dd.item(), n)
-
-
-def _rows(ckpt: Checkpoint, key: str, c: _Chunk) -> torch.Tensor:
-    t = ckpt.get(key)
-    return t.reshape(-1) if t.dim() == 0 else t[c.start : c.stop].reshape(-1)
+        d = getattr(self._local, "d", None)
+        if d is None or d.numel() < n:
+            d = self._local.d = torch.empty(n, dtype=torch.float64)
+        d = torch.sub(va, vb, out=d[:n])
+        dot, aa, bb, dd = torch.stack([torch.dot(va, vb), torch.dot(va, va), torch.dot(vb, vb), torch.dot(d, d)]).tolist()
+        return Sums(dot, aa, bb, dd, n)
 
 
 def _extent(p: PairedTensor) -> tuple[int, int]:
@@ -323,12 +305,16 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, progress: ProgressFn, thre
     pairing = pair(ma, mb)
     matched = pairing.matched
     sums = [Sums() for _ in matched]
-    reducer = _Reducer(ma.ckpt, mb.ckpt, matched, chunk_elements)
+    reader = RowReader()
+    reducer = _Reducer(ma.ckpt, mb.ckpt, matched, reader)
     progress(0, total=sum(math.prod(_extent(p)) for p in matched), description="diff")
-    with _single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
-        for c, s in _bounded_map(pool, reducer, _chunks(matched, chunk_elements), 4 * threads):
-            sums[c.index].add(s)
-            progress(s.numel, info=matched[c.index].canonical)
+    try:
+        with _single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
+            for c, s in _bounded_map(pool, reducer, _chunks(matched, chunk_elements), 4 * threads):
+                sums[c.index].add(s)
+                progress(s.numel, info=matched[c.index].canonical)
+    finally:
+        reader.close()
 
     tensors: list[TensorDiff] = []
     warnings: list[str] = []

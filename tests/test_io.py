@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from deltakit.errors import CheckpointError, OutputExistsError
 from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.reader import RowReader
 from deltakit.io.writer import SafetensorsWriter, ShardedWriter, TensorSpec, atomic_output_dir
 
 
@@ -140,3 +141,27 @@ def test_header_validation(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a model folder"):
         Checkpoint.open(tmp_path)
+
+
+def test_row_reader_matches_load_file(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(37, 11, generator=gen).bfloat16(), "v": torch.randn(5, generator=gen), "s": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    ckpt = Checkpoint.open(tmp_path / "model.safetensors")
+    reader = RowReader()
+    try:
+        want = load_file(tmp_path / "model.safetensors")
+        for a, b in ((0, 37), (3, 20), (36, 37)):
+            got = reader.read(ckpt, "w", a, b, torch.float64, "x")
+            assert got.dtype == torch.float64 and torch.equal(got, want["w"][a:b].double())
+        assert torch.equal(reader.read(ckpt, "w", 1, 4, torch.bfloat16, "raw"), want["w"][1:4])
+        assert torch.equal(reader.read(ckpt, "v", 1, 3, torch.float32, "x"), want["v"][1:3])
+        assert torch.equal(reader.read(ckpt, "s", 0, 1, torch.float64, "x"), torch.tensor([2.5], dtype=torch.float64))
+        with open(tmp_path / "model.safetensors", "r+b") as fh:  # cut the data short after opening
+            fh.truncate(os.path.getsize(tmp_path / "model.safetensors") - 8)
+        last = max(tensors, key=lambda k: ckpt.meta(k).offset)
+        with pytest.raises(CheckpointError, match="file ends before byte"):
+            reader.read(ckpt, last, 0, tensors[last].reshape(-1, *tensors[last].shape[1:]).shape[0], torch.float64, "x")
+    finally:
+        reader.close()
+        ckpt.close()

@@ -13,24 +13,21 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from deltakit import __version__
-from deltakit.errors import CheckpointError
+from deltakit.io.reader import RowReader
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
 from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge import methods
 from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
-from deltakit.model import MappedCheckpoint
 from deltakit.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -146,61 +143,6 @@ def _row_elements(job: TensorJob) -> int:
     return per_row
 
 
-class RowReader:
-    """Reads row ranges of input tensors with ``pread`` into per-thread buffers that are reused.
-
-    Cheaper than faulting memory-mapped pages in and dropping them again (no page faults, nothing stays
-    mapped, no allocation per block). A returned tensor is valid until the same thread reads into the
-    same ``slot`` again, and must not be modified.
-    """
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def read(self, ref: tuple[MappedCheckpoint, str], a: int, b: int, dtype: torch.dtype, slot: object) -> torch.Tensor:
-        """Rows ``[a, b)`` of tensor ``ref = (checkpoint, key)`` in ``dtype``."""
-        meta = ref[0].ckpt.meta(ref[1])
-        if meta.file == "pickle":
-            return ref[0].ckpt.rows(ref[1], a, b).to(dtype)
-        shape = (b - a, *meta.shape[1:])
-        count = (b - a) * prod(meta.shape[1:])
-        raw = self._buffer(("raw", slot), count * meta.dtype.itemsize, torch.uint8)
-        self._pread(meta.file, raw, meta.offset + a * prod(meta.shape[1:]) * meta.dtype.itemsize)
-        rows = raw.view(meta.dtype).reshape(shape)
-        if meta.dtype == dtype:
-            return rows
-        return self._buffer(("cast", slot), count, dtype).reshape(shape).copy_(rows)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def _buffer(self, name: tuple, count: int, dtype: torch.dtype) -> torch.Tensor:
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < count:
-            buf = buffers[name] = torch.empty(count, dtype=dtype)
-        return buf[:count]
-
-    def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
-        with self._lock:
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            fd = self._fds[file]
-        view = memoryview(out.numpy()).cast("B")
-        while view:
-            try:
-                n = os.preadv(fd, [view], offset)
-            except OSError as exc:
-                raise CheckpointError(f"{file}: read failed ({exc.strerror})") from None
-            if n == 0:
-                raise CheckpointError(f"{file}: file ends before byte {offset} (truncated while merging?)")
-            view, offset = view[n:], offset + n
-
-
 def _release(job: TensorJob, a: int, b: int) -> None:
     for m, k in job.sources + ([job.base] if job.base else []):
         m.ckpt.release(k, a, b)
@@ -217,18 +159,18 @@ def _run_ties(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: Te
     _release(job, 0, rows)  # sampling faulted in mapped pages around the sampled rows
     while not all(t.done for t in tops):
         for a, b in blocks:
-            base = reader.read(job.base, a, b, cd, "base")
+            base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base")
             for i, (ref, top) in enumerate(zip(job.sources, tops)):
                 if not top.done:
-                    top.observe((reader.read(ref, a, b, cd, i) - base).abs_())
+                    top.observe((reader.read(ref[0].ckpt, ref[1], a, b, cd, i) - base).abs_())
         for top in tops:
             if not top.done:
                 top.finish()
     for a, b in blocks:
-        base = reader.read(job.base, a, b, cd, "base")
+        base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base")
         deltas = []
         for i, (ref, top) in enumerate(zip(job.sources, tops)):
-            d = reader.read(ref, a, b, cd, i) - base
+            d = reader.read(ref[0].ckpt, ref[1], a, b, cd, i) - base
             keep = top.keep(d.abs())
             deltas.append(d if keep is None else d.mul_(keep))
         writer.write_rows(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
@@ -243,11 +185,11 @@ def _run_unit(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: Te
         _run_ties(plan, writer, reader, job, b, chunk_elements)
     elif do_merge:
         cd = plan.compute_dtype
-        tensors = [reader.read(ref, a, b, cd, i) for i, ref in enumerate(job.sources)]
-        base = reader.read(job.base, a, b, cd, "base") if job.base else None
+        tensors = [reader.read(ref[0].ckpt, ref[1], a, b, cd, i) for i, ref in enumerate(job.sources)]
+        base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base") if job.base else None
         writer.write_rows(job.key, a, job.compute(base, tensors, a).to(job.out_dtype))
     else:
-        writer.write_rows(job.key, a, reader.read((plan.mllm, job.key), a, b, job.out_dtype, "copy"))
+        writer.write_rows(job.key, a, reader.read(plan.mllm.ckpt, job.key, a, b, job.out_dtype, "copy"))
     return (b - a) * _row_elements(job) * job.out_dtype.itemsize
 
 
