@@ -256,3 +256,15 @@ def test_finetune_end_to_end_on_real_processor(tiny, tmp_path):
     assert torch.isfinite(logits).all()
     report = evaluate(out, demo.bench, batch_size=4, max_new_tokens=3, limit=4)
     assert report.examples == len(report.predictions) == 4
+
+
+def test_finetune_on_a_model_without_processor_files(tmp_path, capsys):
+    from deltakit.cli import main
+
+    bare = save_tiny("qwen2_5_vl", tmp_path / "bare")
+    demo = write_demo_data(tmp_path / "demo", n=4, seed=0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(bare), "--data", str(demo.train), "--out", str(tmp_path / "out"), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "cannot load its processor" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

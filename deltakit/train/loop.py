@@ -151,8 +151,6 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
     prior = open_prior(config.prior) if config.prior is not None else None
     torch.manual_seed(config.seed)
     model, family = load_model(config)
-    dataset, collate, _ = load_data(config)
-    plan = Plan.make(len(dataset), config, env.world_size)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
     fsdp = env.strategy == "fsdp"
     wrapped = dist.wrap(model, env, torch.bfloat16 if bf16 and fsdp else None)
@@ -160,6 +158,8 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
     if prior is not None:
         prior_device = "cpu" if config.prior_device == "cpu" else None
         bias = DriftBias.bind(model, prior, config.rule, config.alpha, family, prior_device)
+    dataset, collate, _ = load_data(config)
+    plan = Plan.make(len(dataset), config, env.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     start = _start(config, plan, wrapped, optimizer, env)

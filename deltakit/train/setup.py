@@ -65,7 +65,12 @@ def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]
     """The tokenised training examples, the collate function and the model's processor."""
     from deltakit.data import SFTDataset, collate, load_examples
 
-    processor = transformers.AutoProcessor.from_pretrained(config.model)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(config.model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeltakitError(f"{config.model}: cannot load its processor to build training inputs ({first}); "
+                            "copy the processor and tokenizer files of the original model into it") from None
     tokenizer = getattr(processor, "tokenizer", processor)
     dataset = SFTDataset(load_examples(config.data), processor, max_length=config.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
