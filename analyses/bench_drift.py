@@ -18,7 +18,7 @@ least disturbed by them, so the ratios of minima are the most repeatable). Varia
 Peak memory is the peak resident set (VmHWM) of a fresh process per variant (model + optimizer + D +
 3 steps); on a GPU it is ``torch.cuda.max_memory_allocated``.
 
-    python analyses/bench_drift.py [--hidden 768 --layers 4 --seq 256 --rounds 9 --repeats 30]
+    python analyses/bench_drift.py [--hidden 768 --layers 4 --seq 256 --rounds 9 --repeats 30 --device cuda --bf16]
 
 prints a markdown table and writes docs/benchmarks/drift.json.
 """
@@ -97,13 +97,14 @@ def setup(args, device: torch.device):
     return model, params, micro
 
 
-def make_step(variant: str, model, params, micro, prior, device):
-    """A zero-argument function running one optimizer step of ``variant``."""
+def make_step(variant: str, model, params, micro, prior, device, bf16: bool = False):
+    """A zero-argument function running one optimizer step of ``variant`` (bf16 autocast when ``bf16``)."""
     config = TrainConfig(model="m", data="d", out="o", grad_accum=2, lr=1e-6)
     env = DistEnv(0, 1, device, "none")
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     bias = DriftBias.bind(model, prior, rule=variant) if variant in ("absolute", "gradnorm", "adaptive") else None
-    autocast = contextlib.nullcontext
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def step():
         handles = public_hooks(model, prior) if variant == "public-hook" else []
@@ -122,7 +123,7 @@ def time_variants(args, device) -> dict[str, list[float]]:
     """Whole optimizer steps of every variant, interleaved round by round (order reversed every other round)."""
     model, params, micro = setup(args, device)
     prior = MemoryPrior(model)
-    steps = {v: make_step(v, model, params, micro, prior, device) for v in VARIANTS}
+    steps = {v: make_step(v, model, params, micro, prior, device, args.bf16) for v in VARIANTS}
     for v in VARIANTS:
         steps[v]()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -180,7 +181,7 @@ def peak_memory_child(args, variant: str) -> None:
     device = torch.device(args.device)
     model, params, micro = setup(args, device)
     prior = MemoryPrior(model) if variant != "sft" else None
-    step = make_step(variant, model, params, micro, prior, device)
+    step = make_step(variant, model, params, micro, prior, device, args.bf16)
     for _ in range(3):
         step()
     print(torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else vm_hwm_mib())
@@ -199,6 +200,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="whole-step rounds (each runs every variant once)")
     ap.add_argument("--repeats", type=int, default=30, help="repetitions of the bias-only timing")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast with float32 master weights (as finetune on a GPU)")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "drift.json")
     args = ap.parse_args()
@@ -232,6 +234,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "model": {"family": "qwen2_5_vl", "hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                   "vocab": args.vocab, "parameters": n_params, "prior_parameters": n_prior},
+        "precision": "bf16 autocast, float32 master weights" if args.bf16 else "float32",
         "batch": {"micro_batches": 2, "examples_per_micro_batch": args.batch, "tokens_per_example": args.seq},
         "rounds": args.rounds, "repeats": args.repeats,
         "memory": "peak resident set (VmHWM) of a fresh process per variant" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
