@@ -123,12 +123,12 @@ def time_variants(args, device) -> dict[str, list[float]]:
     """Whole optimizer steps of every variant, interleaved round by round (order reversed every other round)."""
     model, params, micro = setup(args, device)
     prior = MemoryPrior(model)
-    steps = {v: make_step(v, model, params, micro, prior, device, args.bf16) for v in VARIANTS}
-    for v in VARIANTS:
+    steps = {v: make_step(v, model, params, micro, prior, device, args.bf16) for v in args.variants}
+    for v in args.variants:
         steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+        for v in (args.variants if r % 2 == 0 else args.variants[::-1]):
             sync(device)
             t = time.perf_counter()
             steps[v]()
@@ -200,10 +200,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="whole-step rounds (each runs every variant once)")
     ap.add_argument("--repeats", type=int, default=30, help="repetitions of the bias-only timing")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast with float32 master weights (as finetune on a GPU)")
     ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "drift.json")
     args = ap.parse_args()
+    args.variants = tuple(args.variants.split(","))
+    if "sft" not in args.variants or not set(args.variants) <= set(VARIANTS):
+        ap.error(f"--variants must include sft and name only {', '.join(VARIANTS)}")
     torch.manual_seed(0)
     if args.memory_child:
         peak_memory_child(args, args.memory_child)
@@ -211,16 +215,18 @@ def main() -> None:
     device = torch.device(args.device)
     times = time_variants(args, device)
     bias_only = time_bias_only(args, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the cached blocks back: each memory child needs the whole GPU
     child = [sys.executable, __file__, *sys.argv[1:]]
     memory = {v: float(subprocess.run(child + ["--memory-child", v], check=True, capture_output=True, text=True).stdout.split()[-1])
-              for v in VARIANTS}
+              for v in args.variants}
     model, _, _ = setup(args, torch.device("cpu"))
     prior = MemoryPrior(model)
     n_params = sum(p.numel() for p in model.parameters())
     n_prior = sum(t.numel() for t in prior.tensors.values())
     base, base_min = statistics.median(times["sft"]), min(times["sft"])
     rows = []
-    for v in VARIANTS:
+    for v in args.variants:
         med, best = statistics.median(times[v]), min(times[v])
         bias_med, bias_min = bias_only.get(v, (0.0, 0.0))
         rows.append({"variant": v, "step_s": med, "step_overhead_pct": 100 * (med / base - 1),

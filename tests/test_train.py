@@ -42,7 +42,7 @@ def run(base, prior_tensors, tmp_path, monkeypatch):
         monkeypatch.setattr(loop_module, "load_data", lambda config: (examples, collate, None))
         monkeypatch.setattr(loop_module, "open_prior", lambda path: DictPrior(prior_dict if prior_dict is not None else prior_tensors))
         defaults = dict(model=str(base), data="synthetic.jsonl", out=str(tmp_path / out), lr=1e-3, warmup_ratio=0.0,
-                        max_steps=1, adam_eps=1e-4)
+                        max_steps=1, adam_eps=1e-4, precision="fp32")
         config = TrainConfig(**{**defaults, **kw})
         result = finetune(config, progress=progress) if progress else finetune(config)
         return result, load_weights(tmp_path / out)
