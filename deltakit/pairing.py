@@ -65,7 +65,7 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
     for side, m in (("A", a), ("B", b)):
         if m.tied and LM_HEAD in names_a & names_b:
             p.notes.append(f"{side} ties lm_head to embed_tokens: its lm_head is compared through {m.text[EMBED]}")
-    for name in sorted(names_a & names_b, key=_order):
+    for name in sorted(names_a & names_b, key=canonical_order):
         ka, kb = a.resolve(name), b.resolve(name)
         sa, sb = a.ckpt.meta(ka).shape, b.ckpt.meta(kb).shape
         layer, kind = classify_canonical(name)
@@ -81,8 +81,8 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
                 p.shape_mismatch.append((name, sa, sb))
                 continue
         p.matched.append(PairedTensor(name, ka, kb, sa, sb, layer, kind, rows))
-    p.only_a = sorted(names_a - names_b, key=_order)
-    p.only_b = sorted(names_b - names_a, key=_order)
+    p.only_a = sorted(names_a - names_b, key=canonical_order)
+    p.only_b = sorted(names_b - names_a, key=canonical_order)
     if not p.matched:
         raise IncompatibleError(
             f"{a.path} ({a.family.name}) and {b.path} ({b.family.name}) have no text-tower tensor in common"
@@ -90,6 +90,7 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
     return p
 
 
-def _order(name: str) -> tuple:
+def canonical_order(name: str) -> tuple:
+    """Sort key of canonical names: embeddings, then layer by layer, then the rest (norm, lm_head)."""
     layer, _ = classify_canonical(name)
     return (-1 if name == EMBED else 10**9 if layer is None else layer, name)

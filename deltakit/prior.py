@@ -32,7 +32,7 @@ from deltakit.families import classify_canonical
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import SafetensorsWriter, TensorSpec, check_output_free
 from deltakit.model import EMBED, LM_HEAD, MappedCheckpoint, open_model
-from deltakit.pairing import pair
+from deltakit.pairing import canonical_order, pair
 from deltakit.progress import ProgressFn, no_progress
 
 FORMAT = "deltakit-prior"
@@ -322,7 +322,7 @@ def _source(m: MappedCheckpoint) -> dict[str, Any]:
 def _plan(mllm: MappedCheckpoint, plus: MappedCheckpoint, minus: MappedCheckpoint, modules: tuple[str, ...],
           layers, skip_first: int, alphas: dict[str, float], dtype: torch.dtype,
           comp: Compression | None) -> tuple[list[_Job], list[str]]:
-    names = [n for n in sorted(mllm.text, key=_sort_key) if selected(n, modules, layers, skip_first)]
+    names = [n for n in sorted(mllm.text, key=canonical_order) if selected(n, modules, layers, skip_first)]
     if mllm.tied and ("lm_head" in modules):
         raise IncompatibleError(f"{mllm.path} ties lm_head to embed_tokens, so there is no separate lm_head to bias; select embed instead")
     if not names:
@@ -364,11 +364,6 @@ def _plan(mllm: MappedCheckpoint, plus: MappedCheckpoint, minus: MappedCheckpoin
         jobs.append(_Job(n, kind, layer, shape, refs["plus"], refs["minus"], (mllm, key), rows,
                          module_alpha(kind, alphas), encoding, _part_specs(n, encoding, shape, dtype, comp)))
     return jobs, notes
-
-
-def _sort_key(name: str) -> tuple:
-    layer, _ = classify_canonical(name)
-    return (-1 if name == EMBED else 10**9 if layer is None else layer, name)
 
 
 def _sq(x: torch.Tensor) -> float:
