@@ -626,6 +626,32 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
 
 # -- reading -------------------------------------------------------------------------------------
 
+def per_module(entries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-module-kind totals of a prior's per-tensor entries: tensors, params, |D|, |W|, |D|/|W|, bytes, fidelity."""
+    groups: dict[str, dict[str, float]] = {}
+    for e in entries.values():
+        g = groups.setdefault(e["kind"], {"tensors": 0, "params": 0, "d_sq": 0.0, "w_sq": 0.0, "ref_sq": 0.0,
+                                          "dot": 0.0, "rec_sq": 0.0, "bytes": 0})
+        ref, rec = e["d_norm"] * e["scale"], e["stored_norm"]
+        g["tensors"] += 1
+        g["params"] += math.prod(e["shape"])
+        g["d_sq"] += e["d_norm"] ** 2
+        g["w_sq"] += e["w_norm"] ** 2
+        g["bytes"] += e["bytes"]
+        g["ref_sq"] += ref**2
+        g["dot"] += e["cosine"] * ref * rec
+        g["rec_sq"] += rec**2
+    order = {k: i for i, k in enumerate(MODULE_KINDS + ("norm", "embed", "lm_head"))}
+    modules = {}
+    for kind in sorted(groups, key=lambda k: order.get(k, len(order))):
+        g = groups[kind]
+        d, w = math.sqrt(g["d_sq"]), math.sqrt(g["w_sq"])
+        modules[kind] = {"tensors": g["tensors"], "params": g["params"], "d_norm": d, "w_norm": w,
+                         "ratio": d / w if w else None, "bytes": g["bytes"],
+                         "cosine": _cosine(g["dot"], g["ref_sq"], g["rec_sq"])}
+    return modules
+
+
 class Prior:
     """A prior file written by :func:`export_prior`: validated on open, tensors expanded on :meth:`get`.
 
@@ -719,30 +745,9 @@ class Prior:
         return expand(e["encoding"], parts, tuple(e["shape"])).to(dtype)
 
     def summary(self) -> dict[str, Any]:
-        """Metadata plus per-module totals (tensors, params, |D|, |W|, |D|/|W|, bytes, fidelity) for ``inspect``."""
-        groups: dict[str, dict[str, float]] = {}
-        for e in self.entries.values():
-            g = groups.setdefault(e["kind"], {"tensors": 0, "params": 0, "d_sq": 0.0, "w_sq": 0.0, "ref_sq": 0.0,
-                                              "dot": 0.0, "rec_sq": 0.0, "bytes": 0})
-            ref, rec = e["d_norm"] * e["scale"], e["stored_norm"]
-            g["tensors"] += 1
-            g["params"] += math.prod(e["shape"])
-            g["d_sq"] += e["d_norm"] ** 2
-            g["w_sq"] += e["w_norm"] ** 2
-            g["bytes"] += e["bytes"]
-            g["ref_sq"] += ref**2
-            g["dot"] += e["cosine"] * ref * rec
-            g["rec_sq"] += rec**2
-        order = {k: i for i, k in enumerate(MODULE_KINDS + ("norm", "embed", "lm_head"))}
-        modules = {}
-        for kind in sorted(groups, key=lambda k: order.get(k, len(order))):
-            g = groups[kind]
-            d, w = math.sqrt(g["d_sq"]), math.sqrt(g["w_sq"])
-            modules[kind] = {"tensors": g["tensors"], "params": g["params"], "d_norm": d, "w_norm": w,
-                             "ratio": d / w if w else None, "bytes": g["bytes"],
-                             "cosine": _cosine(g["dot"], g["ref_sq"], g["rec_sq"])}
+        """Metadata plus the per-module totals of :func:`per_module`, for ``inspect``."""
         meta = {k: v for k, v in self.metadata.items() if k != "tensors"}
-        return {"path": str(self.path), "bytes_on_disk": self.path.stat().st_size, **meta, "per_module": modules}
+        return {"path": str(self.path), "bytes_on_disk": self.path.stat().st_size, **meta, "per_module": per_module(self.entries)}
 
     def _entry(self, name: str) -> dict[str, Any]:
         try:

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from deltakit.cli._common import console, force_option, json_option, progress_bar, write_json
-from deltakit.prior import DEFAULT_MODULES, MODULE_GROUPS, MODULE_KINDS, Prior, export_prior
+from deltakit.prior import DEFAULT_MODULES, MODULE_GROUPS, MODULE_KINDS, Prior, export_prior, per_module
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 
@@ -97,7 +97,7 @@ def export(out: Path, mllm: str, llm: str | None, from_llm: str | None, to_llm: 
         table.add_row("worst tensor", _worst(report.tensors))
     table.add_row("time", f"{report.seconds:.1f} s")
     console.print(table)
-    console.print(_module_table("per module", Prior.open(report.out).summary()["per_module"], bool(report.compression)))
+    console.print(_module_table("per module", per_module(report.tensors), bool(report.compression)))
     for line in report.notes:
         console.print(f"[yellow]note:[/yellow] {line}", highlight=False)
 
