@@ -31,7 +31,7 @@ from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.families import classify_canonical
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import SafetensorsWriter, TensorSpec, check_output_free
-from deltakit.model import EMBED, LM_HEAD, MappedCheckpoint, open_model
+from deltakit.model import LM_HEAD, MappedCheckpoint, open_model
 from deltakit.pairing import canonical_order, pair
 from deltakit.progress import ProgressFn, no_progress
 
