@@ -260,6 +260,12 @@ class SFTDataset(Sequence):
         return item
 
 
+def pad_id(processor: Any) -> int:
+    """The id ``collate`` pads with: the tokenizer's pad token, else its end-of-sequence token."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad the per-token tensors to the longest example (``input_ids`` with ``pad_id``, ``labels`` with
     -100, token types with 0), add ``attention_mask``, and concatenate per-image tensors in example order."""

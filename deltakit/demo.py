@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
-from deltakit.data import SFTDataset, collate, load_examples, write_demo_data
+from deltakit.data import SFTDataset, collate, load_examples, pad_id, write_demo_data
 from deltakit.diagnostics import diff
 from deltakit.drift import check_rule
 from deltakit.errors import DeltakitError
 from deltakit.evaluate import evaluate
+from deltakit.hf import load_processor, model_class
 from deltakit.io.writer import atomic_output_dir, check_output_free
 from deltakit.merge import MergeConfig, merge
 from deltakit.model import open_model
@@ -144,14 +144,13 @@ def text_only(src: Path, dst: Path) -> Path:
 
 def heldout_loss(model_path: Path, data_path: Path, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy per assistant token of a chat JSONL (right-padded batches, float32, CPU)."""
-    processor = transformers.AutoProcessor.from_pretrained(model_path)
-    arch = json.loads((model_path / "config.json").read_text())["architectures"][0]
-    model = getattr(transformers, arch).from_pretrained(model_path, dtype=torch.float32).eval()
+    processor = load_processor(model_path, "to score the held-out answers")
+    model = model_class(model_path).from_pretrained(model_path, dtype=torch.float32).eval()
     dataset = SFTDataset(load_examples(data_path), processor)
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(dataset), batch_size):
-            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], processor.tokenizer.pad_token_id)
+            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))], pad_id(processor))
             total += float(token_loss_sum(model, batch))
             tokens += int(count_targets(batch))
     return total / max(tokens, 1)

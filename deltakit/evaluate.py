@@ -9,7 +9,6 @@ right after its own prompt.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 from deltakit.answers import ANSWER_TYPES, score
 from deltakit.data import DataError, iter_jsonl, open_image, render, resolve_image
-from deltakit.errors import CheckpointError, DeltakitError
+from deltakit.errors import DeltakitError
+from deltakit.hf import load_processor, model_class
 from deltakit.progress import ProgressFn, no_progress
 
 _HINTS = {
@@ -136,20 +135,10 @@ class EvalReport:
 def load_for_generation(model_path: str | os.PathLike, device: str | None = None) -> tuple[Any, Any]:
     """The model (class from ``config.json`` ``architectures``; bf16 on a GPU that has it, else float32) and its processor."""
     path = Path(model_path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a model folder (config.json: {exc})") from None
-    arch = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise CheckpointError(f"{path}: config.json names no transformers architecture ({arch!r})")
+    cls = model_class(path)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: no usable processor or tokenizer files ({str(exc).splitlines()[0]})") from None
+    processor = load_processor(path, "to generate answers")
     model = cls.from_pretrained(path, dtype=dtype).to(dev).eval()
     return model, processor
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 from deltakit.drift import PriorSource
 from deltakit.errors import DeltakitError
+from deltakit.hf import load_processor, model_class
 from deltakit.model import map_parameters, open_model
 from deltakit.train.config import TrainConfig
 from deltakit.train.dist import DistEnv
@@ -32,11 +32,7 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, str]:
     ``other``; from the family table) is in ``config.freeze`` get ``requires_grad = False``.
     """
     mapped = open_model(config.model, config.family)
-    arch = (mapped.ckpt.config.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise DeltakitError(f"{config.model}: config.json names no transformers architecture ({arch!r})")
-    model = cls.from_pretrained(config.model, dtype=torch.float32)
+    model = model_class(config.model).from_pretrained(config.model, dtype=torch.float32)
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -63,18 +59,12 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
 
 def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]], dict], Any]:
     """The tokenised training examples, the collate function and the model's processor."""
-    from deltakit.data import SFTDataset, collate, load_examples
+    from deltakit.data import SFTDataset, collate, load_examples, pad_id
 
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(config.model)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DeltakitError(f"{config.model}: cannot load its processor to build training inputs ({first}); "
-                            "copy the processor and tokenizer files of the original model into it") from None
-    tokenizer = getattr(processor, "tokenizer", processor)
+    processor = load_processor(config.model, "to build training inputs")
     dataset = SFTDataset(load_examples(config.data), processor, max_length=config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return dataset, lambda batch: collate(batch, pad_id), processor
+    pad = pad_id(processor)
+    return dataset, lambda batch: collate(batch, pad), processor
 
 
 def open_prior(path: str) -> PriorSource:
