@@ -28,7 +28,7 @@ import torch
 
 from deltakit.families import Family
 from deltakit.io.checkpoint import Checkpoint
-from deltakit.io.reader import RowReader
+from deltakit.io.reader import RowReader, single_threaded_torch
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, pair
 from deltakit.progress import ProgressFn, no_progress
@@ -252,17 +252,6 @@ def _count_nonfinite(ckpt: Checkpoint, key: str, rows: int | None) -> int:
     return bad
 
 
-@contextlib.contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    """Run torch ops single-threaded inside: the worker threads share the cores, chunks are too small to split."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _median(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
@@ -309,7 +298,7 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, progress: ProgressFn, thre
     reducer = _Reducer(ma.ckpt, mb.ckpt, matched, reader)
     progress(0, total=sum(math.prod(_extent(p)) for p in matched), description="diff")
     try:
-        with _single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
+        with single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
             for c, s in _bounded_map(pool, reducer, _chunks(matched, chunk_elements), 4 * threads):
                 sums[c.index].add(s)
                 progress(s.numel, info=matched[c.index].canonical)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from math import prod
 
 import torch
@@ -65,3 +67,15 @@ class RowReader:
             if n == 0:
                 raise CheckpointError(f"{file}: file ends before byte {offset} (truncated while reading?)")
             view, offset = view[n:], offset + n
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch ops single-threaded inside: worker threads over row blocks are the parallelism, and nested
+    intra-op threads would only contend for the same cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

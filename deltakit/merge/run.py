@@ -9,6 +9,7 @@ thread. Copies move raw bytes (no dtype round trip)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deltakit import __version__
-from deltakit.io.reader import RowReader
+from deltakit.io.reader import RowReader, single_threaded_torch
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
 from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge import methods
@@ -208,20 +207,17 @@ def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_element
                                                                                  chunk_elements)))
     units.sort(key=lambda u: -u[0])
     progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
-    intra_op = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
-    try:
-        pending = {pool.submit(u) for _, u in units}
-        while pending:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-            for f in done:
-                progress(f.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(intra_op)
-        reader.close()
+    with single_threaded_torch() if threads > 1 else contextlib.nullcontext():
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
+        try:
+            pending = {pool.submit(u) for _, u in units}
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    progress(f.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            reader.close()
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
