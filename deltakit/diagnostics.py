@@ -331,14 +331,15 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, progress: ProgressFn, thre
         overall.add(s)
     layers = {i: s.stats() for i, s in sorted(layer_sums.items())}
     kinds = {k: kind_sums[k].stats() for k in KIND_ORDER if k in kind_sums}
+    whole = overall.stats()
     if layers:
         med_cos = _median([s.cosine for s in layers.values()])
         med_rel = _median([s.rel_l2 for s in layers.values()])
     else:  # no layered tensor in common (e.g. embeddings only): judge the whole matched set
-        med_cos, med_rel = overall.stats().cosine, overall.stats().rel_l2
+        med_cos, med_rel = whole.cosine, whole.rel_l2
     return DiffReport(
         a=str(ma.path), b=str(mb.path), family_a=ma.family.name, family_b=mb.family.name, tensors=tensors,
-        layers=layers, kinds=kinds, overall=overall.stats(), median_layer_cosine=med_cos,
+        layers=layers, kinds=kinds, overall=whole, median_layer_cosine=med_cos,
         median_layer_l2=_median([s.l2 for s in layers.values()]), median_layer_rel_l2=med_rel,
         verdict=verdict(med_cos, med_rel), only_a=pairing.only_a, only_b=pairing.only_b,
         shape_mismatch=pairing.shape_mismatch, notes=pairing.notes, warnings=warnings, bytes_read=bytes_read,
