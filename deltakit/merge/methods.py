@@ -16,6 +16,7 @@ Parameter names and defaults follow mergekit; see docs/merge.md for the intended
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -188,10 +189,7 @@ DARE_BLOCK = 1 << 20
 
 def dare_block_rows(shape: Sequence[int]) -> int:
     """Rows per DARE random block: the mask of rows ``[j*R, (j+1)*R)`` is drawn with seed ``seed + j``."""
-    per_row = 1
-    for s in shape[1:]:
-        per_row *= s
-    return max(1, DARE_BLOCK // per_row)
+    return max(1, DARE_BLOCK // math.prod(shape[1:]))
 
 
 def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import shutil
@@ -136,10 +137,7 @@ def _units(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[tuple[i
 
 
 def _row_elements(job: TensorJob) -> int:
-    per_row = 1
-    for s in job.shape[1:]:
-        per_row *= s
-    return per_row
+    return math.prod(job.shape[1:])
 
 
 def _release(job: TensorJob, a: int, b: int) -> None:
