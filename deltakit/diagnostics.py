@@ -1,14 +1,14 @@
 """``diff``: how far apart two checkpoints' text towers are in parameter space (the paper's Figure 2).
 
 For every tensor matched by :func:`deltakit.pairing.pair` the stream accumulates four float64 sums,
-``A.B``, ``|A|^2``, ``|B|^2`` and ``|A-B|^2``, chunk by chunk straight from the files. Cosines
+``A.B``, ``|A|^2``, ``|B|^2`` and ``|A-B|^2``, block by block straight from the files. Cosines
 and L2 distances per tensor, per layer (all matched tensors of a layer as one vector), per module kind
 and for the whole text tower all follow from those sums, so the data is read exactly once.
 
-Speed: row chunks are read with ``pread`` (no page faults, nothing stays mapped) into per-thread
-buffers, converted to float64 and reduced with four float64 dot products; several threads overlap
-reads and math (torch releases the GIL), so the peak memory is a few chunk buffers whatever the model
-size.
+Speed: the pairs run on the streaming engine (:mod:`deltakit.engine`): row blocks are read with
+``pread`` (no page faults, nothing stays mapped) into per-thread buffers, converted to float64 and
+reduced with four float64 dot products; several threads overlap reads and math (torch releases the
+GIL), so the peak memory is a few block buffers whatever the model size.
 """
 
 from __future__ import annotations
@@ -19,22 +19,21 @@ import os
 import statistics
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from deltakit.engine.executor import Block, Job, Read, default_threads, execute
+from deltakit.engine.selection import MODULE_GROUPS, Selection, SelectionError
 from deltakit.families import Family
-from deltakit.io.checkpoint import Checkpoint
-from deltakit.io.reader import RowReader, single_threaded_torch
 from deltakit.model import MappedCheckpoint, open_model
-from deltakit.pairing import PairedTensor, pair
+from deltakit.pairing import PairedTensor, Pairing, pair
 from deltakit.progress import ProgressFn, no_progress
 
-CHUNK_ELEMENTS = 1 << 18
-"""Elements per chunk: 2 MB float64 buffers, large enough that per-chunk overhead is small, small enough to stay in cache."""
+BLOCK_ELEMENTS = 1 << 18
+"""Elements per row block: 2 MB float64 buffers, large enough that per-block overhead is small, small enough to stay in cache."""
+ALL = Selection(MODULE_GROUPS)
+"""The default selection of :func:`diff`: every matched text-tower tensor."""
 
 # Verdict thresholds on the median per-layer cosine; see docs/diff.md for the justification from Figure 2
 # (LLaVA/Idefics pairs: 0.98-1.0, merge well; Qwen pairs: 0.63-0.77, merging hurts).
@@ -186,24 +185,15 @@ def verdict(median_cosine: float, median_rel_l2: float) -> str:
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Chunk:
-    index: int
-    start: int
-    stop: int
-
-
 class _Reducer:
-    """Reduces one row chunk of a tensor pair to :class:`Sums` (float64 copies read with ``pread``)."""
+    """One row block of a tensor pair -> :class:`Sums` (float64, from per-thread buffers read with ``pread``)."""
 
-    def __init__(self, a: Checkpoint, b: Checkpoint, matched: list[PairedTensor], reader: RowReader):
-        self.a, self.b, self.matched, self.reader = a, b, matched, reader
+    def __init__(self) -> None:
         self._local = threading.local()
 
-    def __call__(self, c: _Chunk) -> Sums:
-        p = self.matched[c.index]
-        va = self.reader.read(self.a, p.key_a, c.start, c.stop, torch.float64, "a").reshape(-1)
-        vb = self.reader.read(self.b, p.key_b, c.start, c.stop, torch.float64, "b").reshape(-1)
+    def __call__(self, block: Block) -> Sums:
+        va = block.read(0).reshape(-1)
+        vb = block.read(1).reshape(-1)
         n = va.numel()
         d = getattr(self._local, "d", None)
         if d is None or d.numel() < n:
@@ -219,37 +209,27 @@ def _extent(p: PairedTensor) -> tuple[int, int]:
     return rows, math.prod(p.shape_a[1:]) if p.shape_a else 1
 
 
-def _chunks(matched: list[PairedTensor], chunk_elements: int) -> Iterator[_Chunk]:
-    for i, p in enumerate(matched):
-        rows, per_row = _extent(p)
-        step = max(1, chunk_elements // max(per_row, 1))
-        for start in range(0, rows, step):
-            yield _Chunk(i, start, min(start + step, rows))
+def plan_diff(pairing: Pairing, selection: Selection = ALL) -> list[Job]:
+    """One job per selected matched tensor: both sides read in float64, reduced to :class:`Sums` per block."""
+    reducer = _Reducer()
+    jobs = []
+    for p in pairing.matched:
+        if selection(p.canonical):
+            rows, per_row = _extent(p)
+            jobs.append(Job(p.canonical, (Read(pairing.a.ckpt, p.key_a, torch.float64), Read(pairing.b.ckpt, p.key_b, torch.float64)),
+                            0, rows, per_row, reducer))
+    if not jobs:
+        raise SelectionError(f"no matched text-tower tensor is selected by modules {','.join(selection.modules)} with this layer/name filter")
+    return jobs
 
 
-def _bounded_map(pool: ThreadPoolExecutor, fn, items: Iterator[_Chunk], window: int) -> Iterator[tuple[_Chunk, Sums]]:
-    """``(item, fn(item))`` in order, with at most ``window`` items queued or running at a time."""
-    pending: deque = deque()
-    for item in items:
-        pending.append((item, pool.submit(fn, item)))
-        if len(pending) >= window:
-            done, future = pending.popleft()
-            yield done, future.result()
-    while pending:
-        done, future = pending.popleft()
-        yield done, future.result()
+def _count_nonfinite(jobs: list[Job], threads: int) -> list[tuple[int, int]]:
+    """NaN/Inf counts of both sides of each job's tensor pair, streamed again through the engine."""
+    def count(block: Block) -> tuple[int, int]:
+        return tuple(int((~torch.isfinite(block.read(i))).sum()) for i in (0, 1))
 
-
-def _count_nonfinite(ckpt: Checkpoint, key: str, rows: int | None) -> int:
-    """How many NaN/Inf entries ``key`` has (in its first ``rows`` rows when given), read chunk by chunk."""
-    bad = 0
-    for start, view in ckpt.row_chunks(key, CHUNK_ELEMENTS):
-        if rows is not None and start >= rows:
-            break
-        if rows is not None:
-            view = view[: rows - start]
-        bad += int((~torch.isfinite(view)).sum())
-    return bad
+    recount = [Job(j.name, j.reads, j.start, j.stop, j.row_elements, count) for j in jobs]
+    return [tuple(map(sum, zip(*blocks))) for blocks in execute(recount, threads=threads, description="diff: NaN/Inf")]
 
 
 def _median(values: list[float]) -> float:
@@ -265,15 +245,16 @@ def diff(
     allow_pickle: bool = False,
     progress: ProgressFn = no_progress,
     threads: int | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    selection: Selection = ALL,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> DiffReport:
     """Compare the text towers of checkpoints ``a`` (usually the MLLM) and ``b`` (usually the LLM), streaming.
 
     ``a`` and ``b`` are folders (or ``.safetensors`` files), opened and closed here, or already opened
-    models. Raises :class:`~deltakit.errors.DeltakitError` subclasses for unreadable checkpoints,
-    unknown families and pairs with no text-tower tensor in common. Tensors with NaN/Inf are reported
-    (a warning naming them, ``nonfinite_a``/``nonfinite_b`` in their records) and left out of the
-    layer, kind and overall figures.
+    models; ``selection`` narrows the compared tensors (default: every matched one). Raises
+    :class:`~deltakit.errors.DeltakitError` subclasses for unreadable checkpoints, unknown families and
+    pairs with no text-tower tensor in common. Tensors with NaN/Inf are reported (a warning naming them,
+    ``nonfinite_a``/``nonfinite_b`` in their records) and left out of the layer, kind and overall figures.
     """
     t0 = time.perf_counter()
     with contextlib.ExitStack() as opened:
@@ -284,35 +265,34 @@ def diff(
             else:
                 models.append(open_model(src, family, allow_pickle=allow_pickle))
                 opened.callback(models[-1].ckpt.close)
-        report = _diff(*models, progress=progress, threads=threads or min(4, os.cpu_count() or 1),
-                       chunk_elements=chunk_elements)
+        report = _diff(*models, selection=selection, progress=progress, threads=threads or default_threads(),
+                       block_elements=block_elements)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, progress: ProgressFn, threads: int, chunk_elements: int) -> DiffReport:
+def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, selection: Selection, progress: ProgressFn, threads: int,
+          block_elements: int) -> DiffReport:
     pairing = pair(ma, mb)
-    matched = pairing.matched
-    sums = [Sums() for _ in matched]
-    reader = RowReader()
-    reducer = _Reducer(ma.ckpt, mb.ckpt, matched, reader)
-    progress(0, total=sum(math.prod(_extent(p)) for p in matched), description="diff")
-    try:
-        with single_threaded_torch(), ThreadPoolExecutor(threads, thread_name_prefix="deltakit-diff") as pool:
-            for c, s in _bounded_map(pool, reducer, _chunks(matched, chunk_elements), 4 * threads):
-                sums[c.index].add(s)
-                progress(s.numel, info=matched[c.index].canonical)
-    finally:
-        reader.close()
+    jobs = plan_diff(pairing, selection)
+    blocks = execute(jobs, threads=threads, block_elements=block_elements, progress=progress, description="diff")
+    sums = []
+    for per_block in blocks:
+        total = Sums()
+        for s in per_block:
+            total.add(s)
+        sums.append(total)
+    by_name = {t.canonical: t for t in pairing.matched}
+    bad = [i for i, s in enumerate(sums) if not all(math.isfinite(v) for v in (s.dot, s.aa, s.bb, s.dd))]
+    counts = dict(zip(bad, _count_nonfinite([jobs[i] for i in bad], threads))) if bad else {}
 
     tensors: list[TensorDiff] = []
     warnings: list[str] = []
     bytes_read = 0
-    for p, s in zip(matched, sums):
-        bad_a = bad_b = 0
-        if not all(math.isfinite(v) for v in (s.dot, s.aa, s.bb, s.dd)):
-            bad_a = _count_nonfinite(ma.ckpt, p.key_a, p.rows)
-            bad_b = _count_nonfinite(mb.ckpt, p.key_b, p.rows)
+    for i, (job, s) in enumerate(zip(jobs, sums)):
+        p = by_name[job.name]
+        bad_a, bad_b = counts.get(i, (0, 0))
+        if i in counts:
             where = ", ".join(f"{n} NaN/Inf in {side} ({key})" for n, side, key in ((bad_a, "A", p.key_a), (bad_b, "B", p.key_b)) if n)
             warnings.append(f"{p.canonical}: {where}; left out of the layer, kind and overall figures")
         bytes_read += s.numel * (ma.ckpt.meta(p.key_a).dtype.itemsize + mb.ckpt.meta(p.key_b).dtype.itemsize)

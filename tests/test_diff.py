@@ -72,7 +72,7 @@ def partners(vl, tmp_path_factory) -> dict[torch.dtype, Path]:
 @pytest.mark.parametrize("chunk", [97, 1 << 18])
 def test_every_figure_matches_float64_formulas(vl, partners, dtype, chunk):
     llm = partners[dtype]
-    report = diff(vl, llm, threads=3, chunk_elements=chunk)
+    report = diff(vl, llm, threads=3, block_elements=chunk)
     a, b = _text(vl), _text(llm)
     assert a.keys() == b.keys()
     biases_a_zero = {k for k, v in a.items() if not v.any()}

@@ -289,7 +289,7 @@ def test_ties_streamed_in_small_blocks_on_bf16_checkpoints(tmp_path):
                                  "models": [{"model": str(a), "parameters": {"weight": 0.7, "density": 0.3}},
                                             {"model": str(b), "parameters": {"weight": 0.5, "density": 0.1}}],
                                  "modules": ["attn", "mlp", "norm", "embed", "lm_head"]})
-    merge(cfg, tmp_path / "out", chunk_elements=100, threads=2)
+    merge(cfg, tmp_path / "out", block_elements=100, threads=2)
     got = _load(tmp_path / "out")
     ta, tb, tbase = _load(a), _load(b), _load(base)
     ties_at_threshold = 0
@@ -302,11 +302,11 @@ def test_ties_streamed_in_small_blocks_on_bf16_checkpoints(tmp_path):
     assert ties_at_threshold > 10
 
 
-def test_layer_swap_keeps_first_layers_and_layer_range(pair, tensors):
+def test_layer_swap_keeps_first_layers_and_layers(pair, tensors):
     vl, llm = tensors["vl"], tensors["llm"]
     merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), method="layer_swap", alpha=0.9, keep_layers=2),
           pair["root"] / "swap")
-    merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), alpha=0.5, modules=("mlp.down", "norm"), layer_range=(1, 3)),
+    merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), alpha=0.5, modules=("mlp.down", "norm"), layers="1:3"),
           pair["root"] / "range")
     swap, rng = _load(pair["root"] / "swap"), _load(pair["root"] / "range")
     for i in range(LAYERS):
@@ -445,7 +445,7 @@ def test_interrupted_merge_leaves_nothing(pair, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"])), tmp_path / "out", progress=interrupt,
-              chunk_elements=64)
+              block_elements=64)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -26,6 +26,9 @@ LAYERS = 4
 ATTN = [f"self_attn.{p}_proj.{t}" for p in "qkv" for t in ("weight", "bias")] + ["self_attn.o_proj.weight"]
 MLP = [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
 
+SUMS_REL = 1e-7
+"""Norms are float32 row partials summed in float64 (deltakit.engine.sums): up to ~1e-8 relative, not float64-exact."""
+
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
@@ -87,11 +90,11 @@ def test_default_prior_is_direct_subtraction_with_metadata(models, sd, full32):
     entries = json.loads(meta["tensors"])
     for name, e in entries.items():
         d, w = _direct(sd, name).double(), sd["vl"][_disk(name)].double()
-        assert e["d_norm"] == pytest.approx(float(d.norm()), rel=1e-12)
-        assert e["w_norm"] == pytest.approx(float(w.norm()), rel=1e-12)
+        assert e["d_norm"] == pytest.approx(float(d.norm()), rel=SUMS_REL)
+        assert e["w_norm"] == pytest.approx(float(w.norm()), rel=SUMS_REL)
         assert e["cosine"] == pytest.approx(1.0, abs=1e-12) and e["encoding"] == "full"
     small = full32.with_name("chunked.safetensors")
-    export_prior(models["vl"], models["llm"], small, dtype="float32", chunk_elements=96)
+    export_prior(models["vl"], models["llm"], small, dtype="float32", block_elements=96)
     assert all(torch.equal(t, stored[n]) for n, t in load_file(small).items())
     prior = Prior.open(full32)
     assert prior.family == "qwen2_5_vl" and sorted(prior.names) == sorted(stored)
@@ -174,7 +177,7 @@ def test_two_model_mode(models, sd, tmp_path):
     assert prior.alpha("layers.0.self_attn.v_proj.bias") == 0.5 and prior.alpha("layers.1.mlp.down_proj.weight") == 2.0
     assert prior.alpha("layers.1.mlp.up_proj.weight") == 1.0
     for name in stored:  # |W_MLLM| is still the MLLM's
-        assert report.tensors[name]["w_norm"] == pytest.approx(float(sd["vl"][_disk(name)].double().norm()), rel=1e-12)
+        assert report.tensors[name]["w_norm"] == pytest.approx(float(sd["vl"][_disk(name)].double().norm()), rel=SUMS_REL)
     llama = save_tiny("llama", tmp_path / "llama", layers=LAYERS)
     with pytest.raises(IncompatibleError, match="two LLMs of one family"):
         export_prior(models["vl"], None, tmp_path / "x.safetensors", from_llm=models["llm"], to_llm=llama)
@@ -202,7 +205,7 @@ def _check_fidelity(report, prior, sd, names):
 @pytest.mark.parametrize("chunk", [1 << 20, 96])  # whole tensors, and row blocks of 1-3 rows
 def test_lowrank_error_is_the_discarded_singular_values(models, sd, tmp_path, chunk):
     out, rank = tmp_path / "lr.safetensors", 3
-    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress=f"lowrank:{rank}", chunk_elements=chunk)
+    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress=f"lowrank:{rank}", block_elements=chunk)
     raw, prior = load_file(out), Prior.open(out)
     data = 0
     for name in prior.names:
@@ -239,7 +242,7 @@ def test_topk_keeps_exactly_the_largest(models, sd, tmp_path):
 @pytest.mark.parametrize("chunk", [1 << 20, 96])
 def test_int8_error_within_half_a_step(models, sd, tmp_path, chunk):
     out = tmp_path / "q.safetensors"
-    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress="int8", chunk_elements=chunk)
+    report = export_prior(models["vl"], models["llm"], out, dtype="float32", compress="int8", block_elements=chunk)
     raw, prior = load_file(out), Prior.open(out)
     for name in prior.names:
         d = _direct(sd, name).numpy()
@@ -278,7 +281,7 @@ def test_cli_export_both_forms_and_inspect(models, sd, tmp_path, capsys):
     q = [n for n in _names(range(1, LAYERS), ATTN) if ".q_proj." in n]
     assert info["per_module"]["attn.q"]["tensors"] == len(q) == 6
     ref = math.sqrt(sum(float(_direct(sd, n).double().norm() ** 2) for n in q))
-    assert info["per_module"]["attn.q"]["d_norm"] == pytest.approx(ref, rel=1e-12)
+    assert info["per_module"]["attn.q"]["d_norm"] == pytest.approx(ref, rel=SUMS_REL)
     assert info["layers"] == [[1, None]] and info["family"] == "qwen2_5_vl"
 
 

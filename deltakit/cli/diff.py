@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
-from deltakit.cli._common import console, err_console, json_option, pickle_option, progress_bar, write_json
-from deltakit.diagnostics import CLOSE_COSINE, FAR_COSINE, DiffReport, Stats, diff, tensor_record
+from deltakit.cli._common import console, err_console, json_option, pickle_option, progress_bar, selection_options, threads_option, write_json
+
+if TYPE_CHECKING:
+    from deltakit.diagnostics import DiffReport, Stats
 
 _STYLE = {"close": "bold green", "moderate": "bold yellow", "far": "bold red"}
 
@@ -63,15 +67,18 @@ def render(report: DiffReport, per_tensor: bool) -> None:
 
 def write_csv(report: DiffReport, path: Path) -> None:
     """One row per matched tensor with the columns of the JSON per-tensor record (shapes as ``AxB``, NaN empty)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from deltakit.diagnostics import tensor_record
+    from deltakit.io.writer import write_file_atomic
+
     records = [tensor_record(t) for t in report.tensors]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        for r in records:
-            r["shape_a"] = "x".join(map(str, r["shape_a"]))
-            r["shape_b"] = "x".join(map(str, r["shape_b"]))
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in r.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(records[0]))
+    writer.writeheader()
+    for r in records:
+        r["shape_a"] = "x".join(map(str, r["shape_a"]))
+        r["shape_b"] = "x".join(map(str, r["shape_b"]))
+        writer.writerow({k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v for k, v in r.items()})
+    write_file_atomic(path, text.getvalue().encode())
 
 
 def plot(report: DiffReport, path: Path) -> None:
@@ -81,6 +88,9 @@ def plot(report: DiffReport, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from deltakit.diagnostics import CLOSE_COSINE, FAR_COSINE
+    from deltakit.io.writer import write_file_atomic
 
     layers = list(report.layers)
     kinds = list(report.kinds)
@@ -109,9 +119,10 @@ def plot(report: DiffReport, path: Path) -> None:
     fig.suptitle(f"A: {Path(report.a).name} ({report.family_a})   B: {Path(report.b).name} ({report.family_b})   "
                  f"-> {report.verdict_text}", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix[1:] or None, dpi=130)
     plt.close(fig)
+    write_file_atomic(path, image.getvalue())
 
 
 @click.command("diff")
@@ -123,15 +134,21 @@ def plot(report: DiffReport, path: Path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="A PNG with per-layer cosine and L2 curves and per-module bars.")
 @click.option("--per-tensor", is_flag=True, help="Also print the per-tensor table.")
-@click.option("--threads", type=click.IntRange(min=1), help="Worker threads (default: all cores, at most 4).")
+@selection_options("diff")
+@threads_option
 @pickle_option
 @json_option
 def command(a: Path, b: Path, family_a: str | None, family_b: str | None, csv_path: Path | None, plot_path: Path | None,
-            per_tensor: bool, threads: int | None, allow_pickle: bool, json_path: Path | None) -> None:
+            per_tensor: bool, modules: str, layers: str | None, skip_first: int, include: str | None,
+            exclude: str | None, threads: int | None, allow_pickle: bool, json_path: Path | None) -> None:
     """Compare the text towers of A (usually the MLLM) and B (usually the reasoning LLM) tensor by tensor."""
+    from deltakit.diagnostics import diff
+    from deltakit.engine.selection import Selection
+
+    selection = Selection.parse(modules, layers, skip_first, include, exclude)
     with progress_bar() as progress:
         report = diff(a, b, family_a=family_a, family_b=family_b, allow_pickle=allow_pickle, progress=progress,
-                      threads=threads)
+                      threads=threads, selection=selection)
     write_json(json_path, report)
     if csv_path is not None:
         write_csv(report, csv_path)

@@ -7,28 +7,13 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from deltakit.cli._common import console, force_option, json_option, progress_bar, write_json
+from deltakit.cli._common import console, force_option, json_option, progress_bar, selection_options, threads_option, write_json
 from deltakit.errors import DeltakitError
-from deltakit.merge import METHODS, MergeConfig, merge
-from deltakit.merge.config import DEFAULT_MODULES, MODULE_NAMES
+from deltakit.merge.config import METHODS, OUT_DTYPES, MergeConfig
 
 
 _RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_", "keep_layers", "modules", "layers",
-                 "out_dtype", "seed")
-
-
-def _modules(value: str) -> tuple[str, ...]:
-    return tuple(m.strip() for m in value.split(",") if m.strip())
-
-
-def _layer_range(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        start, end = (int(v) for v in value.split(":"))
-    except ValueError:
-        raise click.BadParameter(f"expected START:END (layers [START, END)), got {value!r}") from None
-    return start, end
+                 "skip_first", "include", "exclude", "out_dtype", "seed")
 
 
 @click.command("merge")
@@ -41,17 +26,19 @@ def _layer_range(value: str | None) -> tuple[int, int] | None:
 @click.option("--density", type=float, help="Fraction of each delta kept (ties, dare_*).")
 @click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task_arithmetic, ties, dare_*).")
 @click.option("--keep-layers", type=int, help="layer_swap: the first K layers keep the MLLM's weights (default 5).")
-@click.option("--modules", default=",".join(DEFAULT_MODULES), show_default=True, help=f"Comma-separated, from {', '.join(MODULE_NAMES)} (or attn.q ...).")
-@click.option("--layers", "layers", help="Merge only layers START:END (END exclusive).")
-@click.option("--out-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the written tensors (default: the MLLM's).")
+@selection_options("merge")
+@click.option("--out-dtype", type=click.Choice(list(OUT_DTYPES)), help="dtype of the written tensors (default: the MLLM's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
-@click.option("--threads", type=int, help="Worker threads (default: all cores).")
+@threads_option
 @force_option
 @json_option
 def command(args: tuple[str, ...], mllm: str | None, llm: str | None, method: str, alpha: float, base: str | None,
             density: float | None, lambda_: float | None, keep_layers: int | None, modules: str, layers: str | None,
-            out_dtype: str | None, seed: int, threads: int | None, force: bool, json_path: Path | None) -> None:
+            skip_first: int, include: str | None, exclude: str | None, out_dtype: str | None, seed: int,
+            threads: int | None, force: bool, json_path: Path | None) -> None:
     """Merge a text LLM into an MLLM's text tower: `merge --mllm A --llm B OUT` or `merge CONFIG.yaml OUT`."""
+    from deltakit.merge import merge
+
     if len(args) == 2:
         ctx = click.get_current_context()
         given = [f"--{p.name.rstrip('_').replace('_', '-')}" for p in ctx.command.params
@@ -63,8 +50,8 @@ def command(args: tuple[str, ...], mllm: str | None, llm: str | None, method: st
         if not (mllm and llm):
             raise DeltakitError("without a CONFIG.yaml, both --mllm and --llm are needed")
         config = MergeConfig.simple(mllm, llm, method=method, alpha=alpha, base=base, density=density, lambda_=lambda_,
-                                    keep_layers=keep_layers, modules=_modules(modules), layer_range=_layer_range(layers),
-                                    out_dtype=out_dtype, seed=seed)
+                                    keep_layers=keep_layers, modules=modules, layers=layers, skip_first=skip_first,
+                                    include=include, exclude=exclude, out_dtype=out_dtype, seed=seed)
     else:
         raise DeltakitError(f"expected [CONFIG.yaml] OUT, got {len(args)} arguments")
     with progress_bar() as progress:

@@ -8,8 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from deltakit.cli._common import console, force_option, json_option, progress_bar, write_json
-from deltakit.prior import DEFAULT_MODULES, MODULE_GROUPS, MODULE_KINDS, Prior, export_prior, per_module
+from deltakit.cli._common import console, force_option, json_option, progress_bar, selection_options, threads_option, write_json
 
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
 
@@ -59,25 +58,25 @@ def _module_table(title: str, modules: dict[str, dict[str, Any]], compressed: bo
 @click.option("--llm", help="The reasoning LLM: D = LLM - MLLM.")
 @click.option("--from", "from_llm", help="Two-model mode: D = TO - FROM (two LLMs of one family), named for --mllm.")
 @click.option("--to", "to_llm", help="Two-model mode: the LLM D points to.")
-@click.option("--modules", default=",".join(DEFAULT_MODULES), show_default=True,
-              help=f"Comma-separated, from {', '.join(MODULE_GROUPS + MODULE_KINDS)} (attn includes biases).")
-@click.option("--layers", help="Layer ranges START:END (END exclusive, either may be empty), comma-separated, e.g. 0:8,20:.")
-@click.option("--skip-first", type=int, default=0, show_default=True, help="Leave the first N layers out.")
+@selection_options("prior")
 @click.option("--dtype", type=click.Choice(list(_DTYPES)), default="bfloat16", show_default=True, help="Stored dtype of D.")
 @click.option("--normalize", is_flag=True, help="Rescale each tensor so that |D| = |W_MLLM|.")
 @click.option("--compress", help="lowrank:R (truncated SVD per matrix), topk:F (keep fraction F by magnitude) or int8 (per-row scale).")
 @click.option("--alpha", help="Per-module DRIFT alpha stored in the prior, e.g. attn=0.5,mlp=1 (default 1).")
+@threads_option
 @force_option
 @json_option
 def export(out: Path, mllm: str, llm: str | None, from_llm: str | None, to_llm: str | None, modules: str,
-           layers: str | None, skip_first: int, dtype: str, normalize: bool, compress: str | None, alpha: str | None,
-           force: bool, json_path: Path | None) -> None:
+           layers: str | None, skip_first: int, include: str | None, exclude: str | None, dtype: str, normalize: bool,
+           compress: str | None, alpha: str | None, threads: int | None, force: bool, json_path: Path | None) -> None:
     """Write the prior D for --mllm to OUT.safetensors (D = LLM - MLLM, or TO - FROM)."""
+    from deltakit.prior import export_prior, per_module
+
     with progress_bar() as progress:
         report = export_prior(mllm, llm, out, from_llm=from_llm, to_llm=to_llm,
-                              modules=tuple(m.strip() for m in modules.split(",") if m.strip()), layers=layers,
-                              skip_first=skip_first, dtype=_DTYPES[dtype], normalize=normalize, compress=compress,
-                              alpha=alpha, force=force, progress=progress)
+                              modules=modules, layers=layers, skip_first=skip_first, include=include, exclude=exclude,
+                              dtype=_DTYPES[dtype], normalize=normalize, compress=compress, alpha=alpha, force=force,
+                              progress=progress, threads=threads)
     write_json(json_path, report)
     if json_path is not None and str(json_path) == "-":
         return
@@ -107,6 +106,8 @@ def export(out: Path, mllm: str, llm: str | None, from_llm: str | None, to_llm: 
 @json_option
 def inspect(prior: Path, json_path: Path | None) -> None:
     """Print a prior's metadata and per-module statistics."""
+    from deltakit.prior import Prior
+
     p = Prior.open(prior)
     summary = p.summary()
     write_json(json_path, summary)

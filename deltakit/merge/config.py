@@ -13,7 +13,10 @@ parameters: {normalize: true}   # shared parameters, and defaults for per-model 
 dtype: float32                  # compute dtype (float32, float64; bfloat16/float16 as in mergekit, lossy)
 out_dtype: bfloat16             # dtype of the written tensors (default: the MLLM's own)
 modules: [attn, mlp, norm]      # text-tower modules to merge (the default); the rest is copied from the MLLM
-layer_range: [0, 28]            # merge only layers [start, end)
+layers: "0:28"                  # merge only these layers (the grammar of --layers: "0:8,20:", "5")
+skip_first: 0                   # and not the first N layers
+include: []                     # canonical-name globs a merged tensor must match (any), e.g. "layers.*.mlp.*"
+exclude: []                     # canonical-name globs never merged, e.g. "layers.*.self_attn.*.bias"
 seed: 0                         # DARE's random drop
 ```
 
@@ -24,14 +27,19 @@ the tensor's canonical or on-disk name wins; an entry without filter matches eve
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
+from deltakit.engine.selection import DEFAULT_MODULES as SELECTION_DEFAULTS
+from deltakit.engine.selection import Selection, SelectionError
 from deltakit.errors import DeltakitError
+
+if TYPE_CHECKING:
+    import torch
 
 
 
@@ -41,12 +49,15 @@ class MergeConfigError(DeltakitError):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method's parameters: per-model ones and shared ones, each with its default (None = required)."""
+    """A merge method: per-model and shared parameters, each with its default (None = required), and how
+    the engine streams it: ``rows`` (independent row blocks), ``tensor`` (one unit per tensor: a whole-tensor
+    statistic first, as TIES's top-k threshold) or ``dare`` (the fixed row blocks its seeded random mask is drawn in)."""
 
     name: str
     needs_base: bool
     model_params: dict[str, Any]
     shared_params: dict[str, Any]
+    streaming: str = "rows"
 
 
 _GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
@@ -55,22 +66,45 @@ METHODS: dict[str, MethodSpec] = {
     for m in (
         MethodSpec("linear", False, {"weight": None}, {"normalize": True}),
         MethodSpec("task_arithmetic", True, {"weight": None}, {**_GTA_SHARED, "normalize": False}),
-        MethodSpec("ties", True, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}),
+        MethodSpec("ties", True, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}, "tensor"),
         MethodSpec("dare_linear", True, {"weight": None, "density": 1.0},
-                   {**_GTA_SHARED, "normalize": False, "rescale": True}),
+                   {**_GTA_SHARED, "normalize": False, "rescale": True}, "dare"),
         MethodSpec("dare_ties", True, {"weight": None, "density": 1.0},
-                   {**_GTA_SHARED, "normalize": False, "rescale": True}),
+                   {**_GTA_SHARED, "normalize": False, "rescale": True}, "dare"),
         MethodSpec("layer_swap", False, {"weight": None}, {"keep_layers": 5, "normalize": True}),
     )
 }
-MODULE_NAMES = ("attn", "mlp", "norm", "embed", "lm_head")
-MODULE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
-DEFAULT_MODULES = ("attn", "mlp", "norm")
-COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODULES = SELECTION_DEFAULTS["merge"]
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """dtype names mapped to torch dtypes: the names are known without torch, which is imported on the first lookup."""
+
+    def __init__(self, *names: str) -> None:
+        self._names = names
+
+    def __getitem__(self, name: str) -> torch.dtype:
+        if name not in self._names:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+COMPUTE_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes("float32", "float64", "bfloat16", "float16")
+OUT_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes("float32", "bfloat16", "float16")
 _BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
-_TOP_KEYS = ("merge_method", "mllm", "models", "base_model", "parameters", "dtype", "out_dtype", "modules",
-             "layer_range", "seed")
+_SELECTION_KEYS = ("modules", "layers", "skip_first", "include", "exclude")
+_TOP_KEYS = ("merge_method", "mllm", "models", "base_model", "parameters", "dtype", "out_dtype", *_SELECTION_KEYS, "seed")
 
 
 @dataclass
@@ -102,13 +136,19 @@ class MergeConfig:
     dtype: str = "float32"
     out_dtype: str | None = None
     modules: tuple[str, ...] = DEFAULT_MODULES
-    layer_range: tuple[int, int] | None = None
+    layers: str | None = None
+    skip_first: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.modules = tuple(self.modules)
-        if self.layer_range is not None:
-            self.layer_range = tuple(self.layer_range)
+        try:
+            self.selection = Selection.parse(self.modules, self.layers, self.skip_first, self.include, self.exclude)
+        except SelectionError as exc:
+            raise MergeConfigError(str(exc)) from None
+        self.modules, self.layers = self.selection.modules, self.selection.layers_text
+        self.include, self.exclude = self.selection.include, self.selection.exclude
         self.validate()
 
     # -- construction ---------------------------------------------------------------------------
@@ -133,6 +173,8 @@ class MergeConfig:
         if not isinstance(data, dict):
             raise MergeConfigError("a merge config must be a mapping")
         unknown = sorted(set(data) - set(_TOP_KEYS))
+        if "layer_range" in unknown:
+            raise MergeConfigError("layer_range: [start, end] is now layers: \"START:END\" (the grammar of --layers, e.g. \"0:8,20:\")")
         if unknown:
             raise MergeConfigError(f"unknown key {unknown[0]!r} (known: {', '.join(_TOP_KEYS)})")
         if "merge_method" not in data:
@@ -141,13 +183,6 @@ class MergeConfig:
         if not isinstance(models, list) or not models:
             raise MergeConfigError("models: must be a non-empty list")
         base = data.get("base_model")
-        layer_range = data.get("layer_range")
-        if layer_range is not None and (not isinstance(layer_range, list) or len(layer_range) != 2
-                                        or not all(isinstance(v, int) for v in layer_range)):
-            raise MergeConfigError(f"layer_range must be [start, end] (integers), got {layer_range!r}")
-        modules = data.get("modules", list(DEFAULT_MODULES))
-        if isinstance(modules, str):
-            modules = [modules]
         return cls(
             merge_method=str(data["merge_method"]),
             models=[_model_entry(m) for m in models],
@@ -156,15 +191,19 @@ class MergeConfig:
             parameters=dict(data.get("parameters") or {}),
             dtype=str(data.get("dtype", "float32")),
             out_dtype=data.get("out_dtype"),
-            modules=tuple(modules),
-            layer_range=tuple(layer_range) if layer_range is not None else None,
+            modules=data.get("modules", DEFAULT_MODULES),
+            layers=data.get("layers"),
+            skip_first=data.get("skip_first", 0),
+            include=data.get("include", ()),
+            exclude=data.get("exclude", ()),
             seed=data.get("seed", 0),
         )
 
     @classmethod
     def simple(cls, mllm: str, llm: str, method: str = "linear", alpha: float = 0.9, base: str | None = None,
                density: float | None = None, lambda_: float | None = None, keep_layers: int | None = None,
-               modules: tuple[str, ...] = DEFAULT_MODULES, layer_range: tuple[int, int] | None = None,
+               modules: str | tuple[str, ...] = DEFAULT_MODULES, layers: str | None = None, skip_first: int = 0,
+               include: str | tuple[str, ...] = (), exclude: str | tuple[str, ...] = (),
                out_dtype: str | None = None, seed: int = 0) -> "MergeConfig":
         """The two-model case: the MLLM weighted ``alpha``, the LLM ``1 - alpha`` (BR2V linear with 0.9 by default)."""
         shared: dict[str, Any] = {}
@@ -182,7 +221,10 @@ class MergeConfig:
             parameters=shared,
             out_dtype=out_dtype,
             modules=modules,
-            layer_range=layer_range,
+            layers=layers,
+            skip_first=skip_first,
+            include=include,
+            exclude=exclude,
             seed=seed,
         )
 
@@ -209,11 +251,6 @@ class MergeConfig:
             raise MergeConfigError(f"dtype {self.dtype!r} not supported for computing; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.out_dtype is not None and self.out_dtype not in OUT_DTYPES:
             raise MergeConfigError(f"out_dtype {self.out_dtype!r} not supported; use one of {', '.join(OUT_DTYPES)}")
-        bad = [m for m in self.modules if m not in MODULE_NAMES + MODULE_KINDS]
-        if bad or not self.modules:
-            raise MergeConfigError(f"unknown module {bad[0] if bad else '(none)'!r}; choose from {', '.join(MODULE_NAMES + MODULE_KINDS)}")
-        if self.layer_range is not None and not (0 <= self.layer_range[0] < self.layer_range[1]):
-            raise MergeConfigError(f"layer_range {list(self.layer_range)} is empty or negative")
         if not isinstance(self.seed, int):
             raise MergeConfigError(f"seed must be an integer, got {self.seed!r}")
         if not self.non_base:
@@ -253,8 +290,13 @@ class MergeConfig:
         if self.out_dtype:
             out["out_dtype"] = self.out_dtype
         out["modules"] = list(self.modules)
-        if self.layer_range is not None:
-            out["layer_range"] = list(self.layer_range)
+        if self.layers is not None:
+            out["layers"] = self.layers
+        if self.skip_first:
+            out["skip_first"] = self.skip_first
+        for key in ("include", "exclude"):
+            if getattr(self, key):
+                out[key] = list(getattr(self, key))
         out["seed"] = self.seed
         return out
 

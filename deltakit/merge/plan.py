@@ -106,16 +106,6 @@ def _choose_mllm(config: MergeConfig, inputs: dict[str, MappedCheckpoint]) -> st
     return multimodal[0] if multimodal else config.models[0].model
 
 
-def _selected(info: TensorInfo, config: MergeConfig) -> bool:
-    if info.role != "text" or info.kind in (None, "other"):
-        return False
-    if info.group not in config.modules and info.kind not in config.modules:
-        return False
-    if config.layer_range is not None and info.layer is not None:
-        return config.layer_range[0] <= info.layer < config.layer_range[1]
-    return True
-
-
 def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
     config, mllm = plan.config, plan.mllm
     pairings = {path: pair(mllm, m) for path, m in plan.inputs.items() if path != mllm_path}
@@ -137,7 +127,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
             raise IncompatibleError(f"cannot merge {canonical}: shape {list(sa)} in {mllm.path} vs {list(sb)} in {path}")
         t = matched[path].get(canonical)
         if t is None:
-            raise IncompatibleError(f"{path} has no {canonical} (needed for {mllm.path}'s {key}); narrow modules: or layer_range:")
+            raise IncompatibleError(f"{path} has no {canonical} (needed for {mllm.path}'s {key}); narrow modules: or layers:")
         return t.key_b, t.rows if t.rows is not None else t.shape_a[0]
 
     for key in mllm.ckpt.keys():
@@ -146,7 +136,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
         dtype = out_dtype if out_dtype is not None and meta.dtype.is_floating_point else meta.dtype
         job = TensorJob(key, meta.shape, dtype, info.canonical)
         plan.jobs.append(job)
-        if not _selected(info, config):
+        if info.role != "text" or not config.selection(info.canonical):
             job.reason = info.role if info.role != "text" else "not selected"
             continue
         located = [locate(e.model, info.canonical, key) for e in nonbase]

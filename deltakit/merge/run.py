@@ -1,29 +1,28 @@
-"""Running a merge plan: stream every output tensor through a thread pool into an atomic sharded output.
+"""Running a merge plan on the streaming engine, into an atomic sharded output.
 
-Work is cut into units: a row block of one tensor (a DARE block for ``dare_*``), or a whole tensor for
-``ties``, whose top-k threshold is defined per tensor (found from a sample and one streaming scan).
-Units run largest first. Each reads its rows with ``pread`` into reused per-thread buffers, computes in
-the compute dtype, casts and writes with ``pwrite`` at the tensor's fixed offset, so reads, compute and
-writes of different units overlap across threads and resident memory stays at a few row blocks per
-thread. Copies move raw bytes (no dtype round trip)."""
+:func:`engine_jobs` turns the plan into engine jobs: row blocks of one tensor (a DARE block for
+``dare_*``), or a whole tensor for ``ties``, whose top-k threshold is defined per tensor (found from a
+sample and one streaming scan). :func:`deltakit.engine.executor.execute` runs them: rows read with
+``pread`` into reused per-thread buffers, computed in the compute dtype, cast and written with
+``pwrite`` at the tensor's fixed offset, so reads, compute and writes of different blocks overlap
+across threads and resident memory stays at a few row blocks per thread. Copies move raw bytes (no
+dtype round trip)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import logging
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from deltakit import __version__
-from deltakit.io.reader import RowReader, single_threaded_torch
+from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Block, Job, Read, execute
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
 from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge import methods
@@ -32,7 +31,6 @@ from deltakit.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 19
 REPORT_NAME = "merge_report.json"
 CARD_NAME = "README.md"
 _SKIP_FILES = (REPORT_NAME, CARD_NAME)
@@ -86,7 +84,7 @@ class MergeReport:
 
 def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
           progress: ProgressFn = no_progress, threads: int | None = None,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> MergeReport:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> MergeReport:
     """Merge the text towers of ``config``'s models into a copy of the MLLM written to ``out``.
 
     ``config`` is a :class:`MergeConfig` or the path of a YAML recipe. The output folder has the MLLM's
@@ -108,7 +106,8 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
         specs = [TensorSpec(j.key, j.out_dtype, j.shape) for j in plan.jobs]
         with atomic_output_dir(out, overwrite=force) as tmp:
             with ShardedWriter(tmp, specs, max_shard_bytes, metadata={"merged_by": f"deltakit {__version__}"}) as writer:
-                _execute(plan, writer, threads or os.cpu_count() or 1, chunk_elements, progress)
+                execute(engine_jobs(plan), writer, threads=threads, block_elements=block_elements, progress=progress,
+                        description=f"merge ({config.merge_method})")
             _copy_files(plan, tmp)
             report = _report(plan, out, time.perf_counter() - start, sum(s.nbytes for s in specs))
             (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -119,103 +118,71 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
     return report
 
 
-def _blocks(n: int, step: int, start: int = 0) -> list[tuple[int, int]]:
-    return [(a, min(a + step, n)) for a in range(start, n, step)]
+def engine_jobs(plan: MergePlan) -> list[Job]:
+    """The merge plan as engine jobs: merged rows ``[0, rows)`` and copied rows ``[rows, n)`` of every output tensor.
 
-
-def _units(job: TensorJob, plan: MergePlan, chunk_elements: int) -> list[tuple[int, int, bool]]:
-    """``(row_start, row_stop, merge?)`` work units covering the tensor; a ``ties`` tensor's merged rows are one unit."""
-    n = job.shape[0] if job.shape else 1
-    step = max(1, chunk_elements // _row_elements(job))
-    merged = job.rows if job.merged else 0
-    if merged and plan.config.merge_method == "ties":
-        units = [(0, merged, True)]
-    else:
-        mstep = methods.dare_block_rows(job.shape) if plan.config.merge_method.startswith("dare") else step
-        units = [(a, b, True) for a, b in _blocks(merged, mstep)]
-    return units + [(a, b, False) for a, b in _blocks(n, step, merged)]
-
-
-def _row_elements(job: TensorJob) -> int:
-    return math.prod(job.shape[1:])
-
-
-def _release(job: TensorJob, a: int, b: int) -> None:
-    for m, k in job.sources + ([job.base] if job.base else []):
-        m.ckpt.release(k, a, b)
-
-
-def _run_ties(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: TensorJob, rows: int,
-              chunk_elements: int) -> None:
-    """Stream one TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
+    A merged range reads every source (and the base) in the compute dtype and writes ``compute(...)`` cast
+    to the output dtype; its blocks follow the method's streaming (row blocks, DARE's fixed blocks, or
+    the whole range for ``ties``). A copied range moves the MLLM's raw bytes (no dtype round trip).
+    """
+    jobs: list[Job] = []
+    streaming = plan.config.spec.streaming
     cd = plan.compute_dtype
-    blocks = _blocks(rows, max(1, chunk_elements // _row_elements(job)))
-    base_sample = methods.sample(job.base[0].ckpt.rows(job.base[1], 0, rows)).to(cd)
-    tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(cd) - base_sample, rows * _row_elements(job), rho)
+    for job in plan.jobs:
+        n = job.shape[0] if job.shape else 1
+        per_row = math.prod(job.shape[1:])
+        merged = job.rows if job.merged and job.shape else 0
+        if merged:
+            reads = [Read(m.ckpt, k, cd) for m, k in job.sources + ([job.base] if job.base else [])]
+            if streaming == "tensor":
+                jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_ties_tensor, job), whole=True))
+            else:
+                rows = methods.dare_block_rows(job.shape) if streaming == "dare" else None
+                jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_merge_rows, job), block_rows=rows))
+        if merged < n:
+            jobs.append(Job(job.key, [Read(plan.mllm.ckpt, job.key, job.out_dtype)], merged, n, per_row, partial(_copy_rows, job)))
+    return jobs
+
+
+def _merge_rows(job: TensorJob, block: Block) -> None:
+    tensors = [block.read(i) for i in range(len(job.sources))]
+    base = block.read(len(job.sources)) if job.base else None
+    block.write(job.key, block.start, job.compute(base, tensors, block.start).to(job.out_dtype))
+
+
+def _copy_rows(job: TensorJob, block: Block) -> None:
+    rows = block.read(0)
+    block.write(job.key, block.start, rows if job.shape else rows.reshape(()))
+
+
+def _ties_tensor(job: TensorJob, block: Block) -> None:
+    """One TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
+    rows, n = block.stop, len(job.sources)
+    blocks = block.sub_blocks()
+    numel = rows * block.job.row_elements
+    base_ref = job.base
+    base_sample = methods.sample(base_ref[0].ckpt.rows(base_ref[1], 0, rows)).to(block.job.reads[n].dtype)
+    tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(base_sample.dtype) - base_sample, numel, rho)
             for (m, k), rho in zip(job.sources, job.params["density"])]
-    _release(job, 0, rows)  # sampling faulted in mapped pages around the sampled rows
+    for m, k in job.sources + [base_ref]:
+        m.ckpt.release(k, 0, rows)  # sampling faulted in mapped pages around the sampled rows
     while not all(t.done for t in tops):
         for a, b in blocks:
-            base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base")
-            for i, (ref, top) in enumerate(zip(job.sources, tops)):
+            base = block.read(n, a, b)
+            for i, top in enumerate(tops):
                 if not top.done:
-                    top.observe((reader.read(ref[0].ckpt, ref[1], a, b, cd, i) - base).abs_())
+                    top.observe((block.read(i, a, b) - base).abs_())
         for top in tops:
             if not top.done:
                 top.finish()
     for a, b in blocks:
-        base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base")
+        base = block.read(n, a, b)
         deltas = []
-        for i, (ref, top) in enumerate(zip(job.sources, tops)):
-            d = reader.read(ref[0].ckpt, ref[1], a, b, cd, i) - base
+        for i, top in enumerate(tops):
+            d = block.read(i, a, b) - base
             keep = top.keep(d.abs())
             deltas.append(d if keep is None else d.mul_(keep))
-        writer.write_rows(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
-
-
-def _run_unit(plan: MergePlan, writer: ShardedWriter, reader: RowReader, job: TensorJob, a: int, b: int,
-              do_merge: bool, chunk_elements: int) -> int:
-    if not job.shape:
-        writer.write(job.key, plan.mllm.ckpt.get(job.key).to(job.out_dtype))
-        return job.nbytes
-    if do_merge and plan.config.merge_method == "ties":
-        _run_ties(plan, writer, reader, job, b, chunk_elements)
-    elif do_merge:
-        cd = plan.compute_dtype
-        tensors = [reader.read(ref[0].ckpt, ref[1], a, b, cd, i) for i, ref in enumerate(job.sources)]
-        base = reader.read(job.base[0].ckpt, job.base[1], a, b, cd, "base") if job.base else None
-        writer.write_rows(job.key, a, job.compute(base, tensors, a).to(job.out_dtype))
-    else:
-        writer.write_rows(job.key, a, reader.read(plan.mllm.ckpt, job.key, a, b, job.out_dtype, "copy"))
-    return (b - a) * _row_elements(job) * job.out_dtype.itemsize
-
-
-def _execute(plan: MergePlan, writer: ShardedWriter, threads: int, chunk_elements: int, progress: ProgressFn) -> None:
-    """Run every unit on ``threads`` workers, largest first (so one big tensor does not finish last alone).
-
-    With several workers each runs its tensor operations single-threaded: the units are the parallelism,
-    and nested intra-op threads would only contend for the same cores.
-    """
-    reader = RowReader()
-    units: list[tuple[int, Callable[[], int]]] = []
-    for job in plan.jobs:
-        for a, b, do_merge in _units(job, plan, chunk_elements):
-            size = (b - a) * _row_elements(job) if job.shape else 1
-            units.append((size, lambda job=job, a=a, b=b, m=do_merge: _run_unit(plan, writer, reader, job, a, b, m,
-                                                                                 chunk_elements)))
-    units.sort(key=lambda u: -u[0])
-    progress(0, total=sum(j.nbytes for j in plan.jobs), description=f"merge ({plan.config.merge_method})")
-    with single_threaded_torch() if threads > 1 else contextlib.nullcontext():
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit-merge")
-        try:
-            pending = {pool.submit(u) for _, u in units}
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    progress(f.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            reader.close()
+        block.write(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
