@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
@@ -69,11 +70,29 @@ class _Shard:
         }
         self._map: mmap.mmap | None = None
         self._fd: int | None = None
+        self._lock = threading.Lock()
 
     def view(self, meta: TensorMeta) -> torch.Tensor:
-        if self._map is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+        """A view of ``meta``'s bytes in the map, after checking that the file still holds them.
+
+        Touching a mapped page past the end of a file cut after its header was read would kill the process
+        with SIGBUS, so the size is checked again on every call; this leaves only a file cut while a caller
+        is reading a view it already holds (the pread path of :class:`deltakit.io.reader.RowReader` has no
+        such window).
+        """
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                size = os.fstat(self._fd).st_size
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: cannot read ({exc.strerror})") from None
+            end = meta.offset + meta.nbytes
+            if end > size:
+                raise CheckpointError(f"{self.path}: file ends at byte {size}, before tensor {meta.name!r} ends at byte "
+                                      f"{end} (cut after its header was read?)")
+            if self._map is None:
+                self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         if meta.numel == 0:
             return torch.empty(meta.shape, dtype=meta.dtype)
         itemsize = torch.empty((), dtype=meta.dtype).element_size()
@@ -104,8 +123,10 @@ class _Shard:
                 self._map.close()
             except BufferError:
                 pass  # a caller still holds a view; the map is freed with it
-            os.close(self._fd)
             self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Checkpoint:

@@ -56,7 +56,10 @@ class RowReader:
     def _pread(self, file: str, out: torch.Tensor, offset: int) -> None:
         with self._lock:
             if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
+                try:
+                    self._fds[file] = os.open(file, os.O_RDONLY)
+                except OSError as exc:
+                    raise CheckpointError(f"{file}: cannot open ({exc.strerror})") from None
             fd = self._fds[file]
         view = memoryview(out.numpy()).cast("B")
         while view:

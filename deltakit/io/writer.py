@@ -4,7 +4,8 @@ The layout of every output file is fixed before the first byte of data, so tenso
 any order, whole or a row range at a time, from several threads (``os.pwrite`` at known offsets), and
 nothing ever has to be held in memory to build a shard. Outputs appear under their final name only
 when complete: files are renamed at :meth:`SafetensorsWriter.close`, folders by
-:func:`atomic_output_dir`.
+:func:`atomic_output_dir`, small files by :func:`write_file_atomic`. A failed write (disk full ...) raises
+:class:`~deltakit.errors.OutputError` naming the output and leaves no temporary file or folder behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from deltakit.errors import DeltakitError, OutputExistsError
+from deltakit.errors import OutputError, OutputExistsError
 from deltakit.io.format import build_header, element_size
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -43,14 +44,25 @@ class TensorSpec:
         return prod(self.shape) * element_size(self.dtype)
 
 
-def _disk_error(path: Path, exc: OSError) -> DeltakitError:
-    if exc.errno == errno.ENOSPC:
-        return DeltakitError(f"{path}: disk full while writing; nothing was left under the output name")
-    return DeltakitError(f"{path}: write failed ({exc.strerror})")
+_REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _write_error(path: Path, exc: OSError) -> OutputError:
+    """The :class:`OutputError` for a failed write to the output ``path``."""
+    return OutputError(path, _REASONS.get(exc.errno, f"write failed ({exc.strerror})"))
+
+
+def _tmp_name(path: Path) -> Path:
+    """A unique hidden name beside ``path`` for its temporary version."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 class SafetensorsWriter:
-    """Write one safetensors file with a fixed layout; the file appears under ``path`` on :meth:`close`."""
+    """Write one safetensors file with a fixed layout; the file appears under ``path`` on :meth:`close`.
+
+    A failed write raises :class:`OutputError` and unlinks the temporary file at once (other threads may
+    still be writing to it); :meth:`abort`, which the ``with`` block calls on any error, releases it.
+    """
 
     def __init__(self, path: str | os.PathLike, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -59,16 +71,21 @@ class SafetensorsWriter:
             raise ValueError("duplicate tensor names in one safetensors file")
         header, self._offsets = build_header([(s.name, s.dtype, s.shape) for s in specs], metadata)
         self._header_len = len(header)
-        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        self._tmp = _tmp_name(self.path)
         self._written = {s.name: 0 for s in specs}
         self._lock = threading.Lock()
-        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
         try:
             os.ftruncate(self._fd, len(header) + sum(s.nbytes for s in specs))
             self._pwrite(memoryview(header), 0)
-        except OSError as exc:
+        except BaseException as exc:  # a signal's exception too: the caller never gets the writer to abort
             self.abort()
-            raise _disk_error(self.path, exc) from None
+            if isinstance(exc, OSError):
+                raise _write_error(self.path, exc) from None
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the whole tensor ``name``."""
@@ -87,11 +104,7 @@ class SafetensorsWriter:
         row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else spec.nbytes
         data = rows.detach().to("cpu").contiguous().reshape(-1)
         buf = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
-        try:
-            self._pwrite(buf, self._offsets[name] + row_start * row_bytes)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self.path, exc) from None
+        self._pwrite(buf, self._offsets[name] + row_start * row_bytes)
         with self._lock:
             self._written[name] += len(buf)
 
@@ -107,11 +120,7 @@ class SafetensorsWriter:
         if len(body) > room:
             raise ValueError(f"{self.path}: new metadata needs {len(body)} header bytes, only {room} were planned")
         body += b" " * (room - len(body))
-        try:
-            self._pwrite(memoryview(struct.pack("<Q", room) + body), 0)
-        except OSError as exc:
-            self.abort()
-            raise _disk_error(self.path, exc) from None
+        self._pwrite(memoryview(struct.pack("<Q", room) + body), 0)
 
     def close(self) -> Path:
         """Check that every tensor was fully written, flush, and move the file to its final name."""
@@ -121,26 +130,31 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {len(short)} tensors incompletely written, e.g. {short[0]!r}")
         try:
             os.fsync(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise _disk_error(self.path, exc) from None
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self._tmp, self.path)
+            raise _write_error(self.path, exc) from None
         return self.path
 
     def abort(self) -> None:
         """Discard the partial file."""
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            os.close(fd)
         self._tmp.unlink(missing_ok=True)
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
+        """Write all of ``buf`` at ``offset``; on failure unlink the temporary file and raise :class:`OutputError`."""
         buf = buf.cast("B")
-        while buf:
-            n = os.pwrite(self._fd, buf, offset)
-            buf, offset = buf[n:], offset + n
+        try:
+            while buf:
+                n = os.pwrite(self._fd, buf, offset)
+                buf, offset = buf[n:], offset + n
+        except OSError as exc:
+            self._tmp.unlink(missing_ok=True)
+            raise _write_error(self.path, exc) from None
 
     def __enter__(self) -> "SafetensorsWriter":
         return self
@@ -197,15 +211,22 @@ class ShardedWriter:
         self._by_name[name].write_rows(name, row_start, rows)
 
     def close(self) -> Path:
-        """Finish every shard and write ``model.safetensors.index.json``; returns the index path."""
-        for w in self._writers:
-            w.close()
+        """Finish every shard and write ``model.safetensors.index.json``; returns the index path.
+
+        On any error every shard is discarded.
+        """
         index = {
             "metadata": {"total_size": self.total_size},
             "weight_map": {name: w.path.name for name, w in self._by_name.items()},
         }
         path = self.folder / "model.safetensors.index.json"
-        path.write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            for w in self._writers:
+                w.close()
+            write_file_atomic(path, (json.dumps(index, indent=2) + "\n").encode())
+        except BaseException:
+            self.abort()
+            raise
         return path
 
     def abort(self) -> None:
@@ -236,20 +257,81 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is removed.
 
     A reader never sees a half-written ``out``: it either does not exist, is the old one, or is complete.
+    A full disk inside the block (a shard, or any other file written there) becomes one
+    :class:`OutputError` naming ``out``.
     """
     out = check_output_free(out, overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
+    tmp = _tmp_name(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     try:
         yield tmp
+        _replace_dir(tmp, out)
+    except OutputError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        part = exc.path.relative_to(tmp) if exc.path.is_relative_to(tmp) else exc.path
+        raise OutputError(out, f"{exc.reason} (writing {part})") from None
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in _REASONS:
+            raise
+        raise _write_error(out, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        trash = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(out, trash)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the folder ``tmp`` to ``out``, replacing an existing ``out`` (put back if the move fails)."""
+    if not out.exists():
         os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
+        return
+    trash = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+    os.replace(out, trash)
+    try:
         os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it that replaces ``path`` when complete.
+
+    A symbolic link stays and its target is replaced; a pipe or device (``/dev/stdout``) is written
+    directly. Raises :class:`OutputError` (disk full ...) with nothing left under either name.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+        return path
+    target = Path(os.path.realpath(path))
+    tmp = _tmp_name(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from None
+        raise
+    return path
