@@ -22,8 +22,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from deltakit.demo import DemoSettings, run_demo  # noqa: E402
-from deltakit.drift import RULES  # noqa: E402
+from deltakit.demo import run_demo  # noqa: E402
+from deltakit.demo_settings import DemoSettings  # noqa: E402
+from deltakit.drift_rules import RULES  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

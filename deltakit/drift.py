@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from deltakit.drift_rules import check_rule
 from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.families import Family
 from deltakit.model import map_parameters
 
 log = logging.getLogger(__name__)
 
-RULES = ("absolute", "gradnorm", "adaptive")
 EPS = 1e-12
 
 
@@ -60,13 +60,6 @@ class PriorSource(Protocol):
     def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor: ...
 
     def alpha(self, name: str) -> float: ...
-
-
-def check_rule(rule: str) -> str:
-    """``rule`` if it is one of :data:`RULES`, else a :class:`DeltakitError`."""
-    if rule not in RULES:
-        raise DeltakitError(f"unknown DRIFT rule {rule!r}; choose one of: {', '.join(RULES)}")
-    return rule
 
 
 def tensor_stats(g: torch.Tensor, d: torch.Tensor, d_sq: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import transformers
 from rich.table import Table
 
 from deltakit.cli._common import console, force_option, json_option, progress_bar, write_json
-from deltakit.demo import MODELS, DemoSettings, run_demo
-from deltakit.drift import RULES
+from deltakit.demo_settings import MODELS, DemoSettings
+from deltakit.drift_rules import RULES
 
 _LABELS = {"base": "base", "merged": "merged", "sft": "SFT", "drift": "DRIFT"}
 
@@ -41,6 +40,10 @@ def command(out: Path, steps: int, reasoner_steps: int, n_train: int, n_bench: i
     Offline, seconds on a CPU: diff of the pair, linear merge, prior export, plain SFT vs DRIFT, and eval
     of base, merged, SFT and DRIFT. OUT/demo.json holds the summary; docs/demo.md explains each number.
     """
+    import transformers
+
+    from deltakit.demo import run_demo
+
     settings = DemoSettings(steps=steps, reasoner_steps=reasoner_steps, n_train=n_train, n_bench=n_bench,
                             max_new_tokens=max_new_tokens, lr=lr, rule=rule, drift_alpha=drift_alpha, seed=seed)
     transformers.utils.logging.disable_progress_bar()

@@ -8,7 +8,6 @@ import click
 from rich.table import Table
 
 from deltakit.cli._common import console, json_option, progress_bar, write_json
-from deltakit.evaluate import evaluate
 
 
 @click.command("eval")
@@ -26,6 +25,8 @@ def command(model: Path, data_path: Path, batch_size: int, max_new_tokens: int, 
 
     Works on a base MLLM and on `deltakit merge` / `deltakit finetune` outputs alike. --json writes every prediction.
     """
+    from deltakit.evaluate import evaluate
+
     with progress_bar() as progress:
         report = evaluate(model, data_path, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
                           limit=limit, device=device)

@@ -9,9 +9,8 @@ import click
 from rich.table import Table
 
 from deltakit.cli._common import console, json_option, progress_bar, write_json
-from deltakit.drift import RULES
-from deltakit.train import TrainConfig, finetune
-from deltakit.train.config import FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES
+from deltakit.drift_rules import RULES
+from deltakit.train.config import FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
 
 
 def _opt(*names: str, **kw):
@@ -58,6 +57,8 @@ def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
 
     Multi-GPU: torchrun --nproc-per-node N -m deltakit finetune ... [--strategy fsdp].
     """
+    from deltakit.train import finetune
+
     config = TrainConfig.load(config_file, **flags)
     with progress_bar() as progress:
         result = finetune(config, progress=progress)

@@ -4,7 +4,19 @@
 :mod:`deltakit.merge.methods` holds the pure tensor formulas.
 """
 
+import importlib
+from typing import Any
+
 from deltakit.merge.config import METHODS, MergeConfig, MergeConfigError, ModelEntry
-from deltakit.merge.run import MergeReport, TensorAction, merge
+
+_RUN = ("MergeReport", "TensorAction", "merge")
+
+
+def __getattr__(name: str) -> Any:
+    """The names of :mod:`deltakit.merge.run`, imported (with torch) on first use so that the configs load fast."""
+    if name in _RUN:
+        return getattr(importlib.import_module("deltakit.merge.run"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["METHODS", "MergeConfig", "MergeConfigError", "ModelEntry", "MergeReport", "TensorAction", "merge"]

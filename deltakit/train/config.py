@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from deltakit.drift import RULES
+from deltakit.drift_rules import RULES
 from deltakit.errors import DeltakitError
 
 
