@@ -1,13 +1,14 @@
 """``diff``: how far apart two checkpoints' text towers are in parameter space (the paper's Figure 2).
 
-For every tensor matched by :func:`deltakit.pairing.pair` the stream accumulates four float64 sums,
-``A.B``, ``|A|^2``, ``|B|^2`` and ``|A-B|^2``, block by block straight from the files. Cosines
+For every tensor matched by :func:`deltakit.pairing.pair` the stream accumulates ``A.B``, ``|A|^2``,
+``|B|^2`` and ``|A-B|^2`` block by block straight from the files (float32 products in rows of 64,
+summed in float64: :func:`deltakit.engine.sums.dot64`, ~1e-8 relative or better). Cosines
 and L2 distances per tensor, per layer (all matched tensors of a layer as one vector), per module kind
 and for the whole text tower all follow from those sums, so the data is read exactly once.
 
 Speed: the pairs run on the streaming engine (:mod:`deltakit.engine`): row blocks are read with
-``pread`` (no page faults, nothing stays mapped) into per-thread buffers, converted to float64 and
-reduced with four float64 dot products; several threads overlap reads and math (torch releases the
+``pread`` (no page faults, nothing stays mapped) into per-thread buffers, converted to float32 and
+reduced with four row-partial dot products; several threads overlap reads and math (torch releases the
 GIL), so the peak memory is a few block buffers whatever the model size.
 """
 
@@ -17,7 +18,6 @@ import contextlib
 import math
 import os
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,13 +25,14 @@ import torch
 
 from deltakit.engine.executor import Block, Job, Read, default_threads, execute
 from deltakit.engine.selection import MODULE_GROUPS, Selection, SelectionError
+from deltakit.engine.sums import dot64, sq64
 from deltakit.families import Family
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, Pairing, pair
 from deltakit.progress import ProgressFn, no_progress
 
 BLOCK_ELEMENTS = 1 << 18
-"""Elements per row block: 2 MB float64 buffers, large enough that per-block overhead is small, small enough to stay in cache."""
+"""Elements per row block: 1 MB float32 buffers, large enough that per-block overhead is small, small enough to stay in cache."""
 ALL = Selection(MODULE_GROUPS)
 """The default selection of :func:`diff`: every matched text-tower tensor."""
 
@@ -185,22 +186,12 @@ def verdict(median_cosine: float, median_rel_l2: float) -> str:
 
 
 # -- streaming ---------------------------------------------------------------------------------------------
-class _Reducer:
-    """One row block of a tensor pair -> :class:`Sums` (float64, from per-thread buffers read with ``pread``)."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def __call__(self, block: Block) -> Sums:
-        va = block.read(0).reshape(-1)
-        vb = block.read(1).reshape(-1)
-        n = va.numel()
-        d = getattr(self._local, "d", None)
-        if d is None or d.numel() < n:
-            d = self._local.d = torch.empty(n, dtype=torch.float64)
-        d = torch.sub(va, vb, out=d[:n])
-        dot, aa, bb, dd = torch.stack([torch.dot(va, vb), torch.dot(va, va), torch.dot(vb, vb), torch.dot(d, d)]).tolist()
-        return Sums(dot, aa, bb, dd, n)
+def _reduce(block: Block) -> Sums:
+    """One row block of a tensor pair -> :class:`Sums` (``A.B``, ``|A|^2``, ``|B|^2``, ``|A-B|^2`` by :func:`dot64`)."""
+    va = block.read(0)
+    vb = block.read(1)
+    d = va - vb
+    return Sums(dot64(va, vb), sq64(va), sq64(vb), sq64(d), va.numel())
 
 
 def _extent(p: PairedTensor) -> tuple[int, int]:
@@ -210,14 +201,13 @@ def _extent(p: PairedTensor) -> tuple[int, int]:
 
 
 def plan_diff(pairing: Pairing, selection: Selection = ALL) -> list[Job]:
-    """One job per selected matched tensor: both sides read in float64, reduced to :class:`Sums` per block."""
-    reducer = _Reducer()
+    """One job per selected matched tensor: both sides read in float32, reduced to :class:`Sums` per block."""
     jobs = []
     for p in pairing.matched:
         if selection(p.canonical):
             rows, per_row = _extent(p)
-            jobs.append(Job(p.canonical, (Read(pairing.a.ckpt, p.key_a, torch.float64), Read(pairing.b.ckpt, p.key_b, torch.float64)),
-                            0, rows, per_row, reducer))
+            jobs.append(Job(p.canonical, (Read(pairing.a.ckpt, p.key_a, torch.float32), Read(pairing.b.ckpt, p.key_b, torch.float32)),
+                            0, rows, per_row, _reduce))
     if not jobs:
         raise SelectionError(f"no matched text-tower tensor is selected by modules {','.join(selection.modules)} with this layer/name filter")
     return jobs

@@ -15,8 +15,8 @@ Torch runs single-threaded inside: the blocks are the parallelism.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,36 +112,76 @@ def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | 
     """Run every block of ``jobs``; returns, per job, the values its ``compute`` returned, in block order.
 
     Whole-tensor jobs start first, largest first (so a long one does not finish last alone), then row
-    blocks in job order. The first exception in any block cancels the rest and is raised here.
+    blocks in job order. Worker threads take the next block from one shared queue (no future per
+    block: at 7B there are tens of thousands); the calling thread only reports progress, so a signal
+    reaches it at once. The first exception in any block, or in the calling thread (Ctrl-C), stops the
+    workers after their current block and is raised here.
     """
     threads = threads or default_threads()
     whole = sorted((j for j in range(len(jobs)) if jobs[j].whole), key=lambda j: -jobs[j].numel)
     order = whole + [j for j in range(len(jobs)) if not jobs[j].whole]
     results: list[list[Any]] = [[] for _ in jobs]
+    units: list[tuple[int, int, int, int]] = []
+    for j in order:
+        blocks = jobs[j].blocks(block_elements)
+        results[j] = [None] * len(blocks)
+        units += [(j, k, a, b) for k, (a, b) in enumerate(blocks)]
     reader = RowReader()
-    progress(0, total=sum(j.numel for j in jobs), description=description)
+    queue = iter(units)
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0] * threads
+    current = [""]
 
-    def run(job: Job, a: int, b: int) -> tuple[Any, int]:
-        return job.compute(Block(job, a, b, reader, sink, block_elements)), (b - a) * job.row_elements
+    def work(slot: int) -> None:
+        try:
+            while not stop.is_set():
+                with lock:
+                    unit = next(queue, None)
+                if unit is None:
+                    return
+                j, k, a, b = unit
+                job = jobs[j]
+                current[0] = job.name
+                results[j][k] = job.compute(Block(job, a, b, reader, sink, block_elements))
+                done[slot] += (b - a) * job.row_elements
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            errors.append(exc)
+            stop.set()
+        finally:
+            with lock:
+                running[0] -= 1
+                if not running[0]:
+                    finished.set()
+
+    progress(0, total=sum(j.numel for j in jobs), description=description)
+    # The calling thread waits on an Event (a signal interrupts it cleanly; an interrupted Thread.join is
+    # not safe), reports progress, and on any exception stops the workers after their current block.
+    workers = [threading.Thread(target=work, args=(i,), name=f"deltakit-{i}") for i in range(threads)]
+    finished = threading.Event()
+    running = [len(workers)]
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        now = sum(done)
+        if now > reported:
+            progress(now - reported, info=current[0])
+            reported = now
 
     with single_threaded_torch():
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deltakit")
         try:
-            futures = []
-            for j in order:
-                blocks = jobs[j].blocks(block_elements)
-                results[j] = [None] * len(blocks)
-                futures += [(j, k, pool.submit(run, jobs[j], a, b)) for k, (a, b) in enumerate(blocks)]
-            by_future = {f: (j, k) for j, k, f in futures}
-            pending = set(by_future)
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                for f in done:
-                    value, numel = f.result()
-                    j, k = by_future[f]
-                    results[j][k] = value
-                    progress(numel, info=jobs[j].name)
+            for w in workers:
+                w.start()
+            while not finished.wait(0.2):
+                report()
+            report()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop.set()
+            while not finished.wait(0.1) and any(w.is_alive() for w in workers):
+                pass  # a worker never started (a signal inside Thread.start) does not count down
             reader.close()
+    if errors:
+        raise errors[0]
     return results
