@@ -27,7 +27,7 @@ pickle_option = click.option("--allow-pickle", is_flag=True,
 
 
 threads_option = click.option("--threads", type=int, default=None,
-                              help="Reader/compute threads (default: one per core).")
+                              help="Reader/compute threads (default: one per core; two per core for commands that write).")
 
 
 def selection_options(command: str) -> Callable[[Callable], Callable]:

@@ -101,9 +101,10 @@ class Block:
         return [(a, min(a + step, self.stop)) for a in range(self.start, self.stop, step)]
 
 
-def default_threads() -> int:
-    """Worker threads when none are asked for: one per core."""
-    return os.cpu_count() or 1
+def default_threads(writes: bool = False) -> int:
+    """Worker threads when none are asked for: one per core, two per core when blocks also write (a block
+    waiting for its rows to reach the disk leaves the core to another)."""
+    return (os.cpu_count() or 1) * (2 if writes else 1)
 
 
 def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | None = None,
@@ -117,7 +118,7 @@ def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | 
     reaches it at once. The first exception in any block, or in the calling thread (Ctrl-C), stops the
     workers after their current block and is raised here.
     """
-    threads = threads or default_threads()
+    threads = threads or default_threads(writes=sink is not None)
     whole = sorted((j for j in range(len(jobs)) if jobs[j].whole), key=lambda j: -jobs[j].numel)
     order = whole + [j for j in range(len(jobs)) if not jobs[j].whole]
     results: list[list[Any]] = [[] for _ in jobs]
