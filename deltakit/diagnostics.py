@@ -25,7 +25,7 @@ import torch
 
 from deltakit.engine.executor import Block, Job, Read, default_threads, execute
 from deltakit.engine.selection import MODULE_GROUPS, Selection, SelectionError
-from deltakit.engine.sums import dot64, sq64
+from deltakit.engine.sums import Summed, dot64, sq64
 from deltakit.families import Family
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, Pairing, pair
@@ -54,7 +54,7 @@ VERDICTS = {
 
 
 @dataclass
-class Sums:
+class Sums(Summed):
     """Float64 sums of one vector pair: ``A.B``, ``|A|^2``, ``|B|^2``, ``|A-B|^2`` and the element count."""
 
     dot: float = 0.0
@@ -62,13 +62,6 @@ class Sums:
     bb: float = 0.0
     dd: float = 0.0
     numel: int = 0
-
-    def add(self, other: "Sums") -> None:
-        self.dot += other.dot
-        self.aa += other.aa
-        self.bb += other.bb
-        self.dd += other.dd
-        self.numel += other.numel
 
     def stats(self) -> "Stats":
         na, nb = math.sqrt(self.aa), math.sqrt(self.bb)
@@ -266,12 +259,7 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, selection: Selection, prog
     pairing = pair(ma, mb)
     jobs = plan_diff(pairing, selection)
     blocks = execute(jobs, threads=threads, block_elements=block_elements, progress=progress, description="diff")
-    sums = []
-    for per_block in blocks:
-        total = Sums()
-        for s in per_block:
-            total.add(s)
-        sums.append(total)
+    sums = [Sums.total(per_block) for per_block in blocks]
     by_name = {t.canonical: t for t in pairing.matched}
     bad = [i for i, s in enumerate(sums) if not all(math.isfinite(v) for v in (s.dot, s.aa, s.bb, s.dd))]
     counts = dict(zip(bad, _count_nonfinite([jobs[i] for i in bad], threads))) if bad else {}

@@ -1,7 +1,7 @@
 """One executor for every streaming command: tensor jobs cut into row blocks, run on reader threads.
 
 A :class:`Job` says what to read (``(checkpoint, key)`` inputs, rows ``[start, stop)``, the dtype to read
-them in) and what to compute per block; :func:`execute` runs the jobs' blocks on a thread pool in file
+them in) and what to compute per block; :func:`execute` runs the jobs' blocks on worker threads in file
 order (so a cold-cache read stays sequential), reading each block with ``pread`` into reused per-thread
 buffers (:class:`~deltakit.io.reader.RowReader`). A block's ``compute`` may write rows into the plan's
 output (:meth:`Block.write`, ``pwrite`` at fixed offsets) and return a value; the values come back per

@@ -10,7 +10,13 @@ about the cost of two float32 passes.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+from typing import TypeVar
+
 import torch
+
+S = TypeVar("S", bound="Summed")
 
 COLS = 256
 MAX_ROWS = 1024
@@ -31,3 +37,20 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
 def sq64(a: torch.Tensor) -> float:
     """``|a|^2`` of a float32 tensor (see :func:`dot64`)."""
     return dot64(a, a)
+
+
+class Summed:
+    """Mixin for a dataclass of sums: partials of row blocks add field by field into a job's total."""
+
+    def add(self, other: "Summed") -> None:
+        """Add ``other``'s fields to this one's."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @classmethod
+    def total(cls: type[S], parts: Iterable[S]) -> S:
+        """The sum of ``parts`` (in their order, so the float64 result does not depend on thread timing)."""
+        out = cls()
+        for part in parts:
+            out.add(part)
+        return out

@@ -29,7 +29,7 @@ from deltakit import __version__
 from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Block, Job, Read, execute
 from deltakit.engine.selection import DEFAULT_MODULES as _DEFAULTS
 from deltakit.engine.selection import PRIOR_MODULES, Selection, SelectionError
-from deltakit.engine.sums import dot64
+from deltakit.engine.sums import Summed, dot64
 from deltakit.engine.sums import sq64 as _sq
 from deltakit.errors import IncompatibleError
 from deltakit.families import classify_canonical
@@ -79,7 +79,7 @@ class PriorTensor:
 
 
 @dataclass
-class Stats:
+class Stats(Summed):
     """Float64 sums over one tensor: |D|^2 and |W|^2 (before scaling), and after scaling/encoding
     <D, D~>, |D~|^2, |D - D~|^2 where D~ is what :meth:`Prior.get` returns (in float32)."""
 
@@ -88,10 +88,6 @@ class Stats:
     dot: float = 0.0
     rec_sq: float = 0.0
     err_sq: float = 0.0
-
-    def add(self, other: "Stats") -> None:
-        for k in ("d_sq", "w_sq", "dot", "rec_sq", "err_sq"):
-            setattr(self, k, getattr(self, k) + getattr(other, k))
 
 
 @dataclass
@@ -309,14 +305,8 @@ def _run(tensors: list[PriorTensor], writer: SafetensorsWriter, normalize: bool,
          block_elements: int, progress: ProgressFn, label: str) -> list[Stats]:
     """Every prior tensor through the engine: a norm pass first when normalizing row-streamed encodings."""
     def run(jobs: list[Job], description: str) -> list[Stats]:
-        out = []
-        for per_block in execute(jobs, writer, threads=threads, block_elements=block_elements, progress=progress,
-                                 description=description):
-            total = Stats()
-            for s in per_block:
-                total.add(s)
-            out.append(total)
-        return out
+        return [Stats.total(per_block) for per_block in execute(jobs, writer, threads=threads, block_elements=block_elements,
+                                                                progress=progress, description=description)]
 
     streamed = [t for t in tensors if t.encoding.rows]
     scales: dict[str, float | None] = dict.fromkeys((t.name for t in streamed), None)
