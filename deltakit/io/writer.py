@@ -10,6 +10,7 @@ when complete: files are renamed at :meth:`SafetensorsWriter.close`, folders by
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -48,24 +49,54 @@ class TensorSpec:
 
 _REASONS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded"}
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_SYNC_RANGE = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+_START, _WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 WRITE_THROUGH_BYTES = 1 << 16
+WRITE_BEHIND_BYTES = 64 << 20
 
 
-def write_through(fd: int, offset: int, size: int) -> None:
-    """Send ``size`` bytes just written at ``offset`` to the disk and drop them from the page cache (Linux).
-
-    Written outputs would otherwise fill the page cache with dirty pages, evicting the inputs being
-    streamed and leaving the kernel to write everything back under memory pressure: on the 3B merge
-    benchmark this halves system time and, with two writer threads per core, cuts the wall time by a
-    third (docs/benchmarks.md#scale). Small writes (headers) are left to the final ``fsync``.
-    """
-    if _LIBC is None or size < WRITE_THROUGH_BYTES:
-        return
-    if _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(size), _SYNC_RANGE) != 0:
+def _sync_range(fd: int, offset: int, size: int, flags: int) -> None:
+    if _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(size), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+
+
+class WriteBehind:
+    """Send written ranges of one file to the disk as they come, and drop them from the page cache once written (Linux).
+
+    Written outputs would otherwise fill the page cache with dirty pages, evicting the inputs being
+    streamed and leaving the kernel to write everything back under memory pressure. Each range is
+    handed to the disk at once (``sync_file_range(WRITE)``, no waiting); once more than
+    :data:`WRITE_BEHIND_BYTES` are in flight, the oldest ranges are waited for (by then mostly on disk)
+    and dropped (``posix_fadvise(DONTNEED)``). Small writes (headers) are left to the final ``fsync``.
+    A no-op elsewhere. Measured in docs/benchmarks.md#scale.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._inflight: collections.deque[tuple[int, int]] = collections.deque()
+        self._bytes = 0
+
+    def written(self, offset: int, size: int) -> None:
+        """``size`` bytes were just written at ``offset``."""
+        if _LIBC is None or size < WRITE_THROUGH_BYTES:
+            return
+        _sync_range(self.fd, offset, size, _START)
+        done = []
+        with self._lock:
+            self._inflight.append((offset, size))
+            self._bytes += size
+            while self._bytes > WRITE_BEHIND_BYTES:
+                done.append(self._inflight.popleft())
+                self._bytes -= done[-1][1]
+        for o, n in done:
+            _sync_range(self.fd, o, n, _WAIT)
+            os.posix_fadvise(self.fd, o, n, os.POSIX_FADV_DONTNEED)
+
+    def drop_all(self) -> None:
+        """After the final ``fsync``: drop what is still cached."""
+        if _LIBC is not None:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _write_error(path: Path, exc: OSError) -> OutputError:
@@ -99,6 +130,7 @@ class SafetensorsWriter:
             self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
+        self._behind = WriteBehind(self._fd)
         try:
             os.ftruncate(self._fd, len(header) + sum(s.nbytes for s in specs))
             self._pwrite(memoryview(header), 0)
@@ -151,6 +183,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path}: {len(short)} tensors incompletely written, e.g. {short[0]!r}")
         try:
             os.fsync(self._fd)
+            self._behind.drop_all()
             fd, self._fd = self._fd, -1
             os.close(fd)
             os.replace(self._tmp, self.path)
@@ -167,7 +200,7 @@ class SafetensorsWriter:
         self._tmp.unlink(missing_ok=True)
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
-        """Write all of ``buf`` at ``offset`` and hand it to the disk (:func:`write_through`); on failure unlink the
+        """Write all of ``buf`` at ``offset`` and hand it to the disk (:class:`WriteBehind`); on failure unlink the
         temporary file and raise :class:`OutputError`."""
         buf = buf.cast("B")
         start, size = offset, len(buf)
@@ -175,7 +208,7 @@ class SafetensorsWriter:
             while buf:
                 n = os.pwrite(self._fd, buf, offset)
                 buf, offset = buf[n:], offset + n
-            write_through(self._fd, start, size)
+            self._behind.written(start, size)
         except OSError as exc:
             self._tmp.unlink(missing_ok=True)
             raise _write_error(self.path, exc) from None
