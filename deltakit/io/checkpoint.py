@@ -13,7 +13,6 @@ import mmap
 import os
 import re
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -242,18 +241,6 @@ class Checkpoint:
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of ``key`` (along dim 0) as a zero-copy view."""
         return self.get(key)[start:stop]
-
-    def row_chunks(self, key: str, max_elements: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(first_row, view)`` chunks of at most ``max_elements`` elements, releasing each after use."""
-        t = self.get(key)
-        if t.dim() == 0:
-            yield 0, t
-            return
-        per_row = max(1, t[0].numel())
-        step = max(1, max_elements // per_row)
-        for start in range(0, t.shape[0], step):
-            yield start, t[start : start + step]
-            self.release(key, start, min(start + step, t.shape[0]))
 
     def release(self, key: str, row_start: int | None = None, row_stop: int | None = None) -> None:
         """Hand the resident pages of ``key`` (or of a row range of it) back to the kernel."""
