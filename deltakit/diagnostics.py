@@ -1,8 +1,8 @@
 """``diff``: how far apart two checkpoints' text towers are in parameter space (the paper's Figure 2).
 
 For every tensor matched by :func:`deltakit.pairing.pair` the stream accumulates ``A.B``, ``|A|^2``,
-``|B|^2`` and ``|A-B|^2`` block by block straight from the files (float32 products in rows of 64,
-summed in float64: :func:`deltakit.engine.sums.dot64`, ~1e-8 relative or better). Cosines
+``|B|^2`` and ``|A-B|^2`` block by block straight from the files (float32 products summed column-wise,
+columns in float64: :func:`deltakit.engine.sums.dot64`, ~1e-8 relative or better). Cosines
 and L2 distances per tensor, per layer (all matched tensors of a layer as one vector), per module kind
 and for the whole text tower all follow from those sums, so the data is read exactly once.
 
