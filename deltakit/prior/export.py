@@ -13,6 +13,7 @@ reduced in block order, and rewritten into the header planned with placeholders 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -69,6 +70,11 @@ class PriorTensor:
     @property
     def row_elements(self) -> int:
         return math.prod(self.shape[1:])
+
+    @functools.cached_property
+    def part_specs(self) -> dict[str, TensorSpec]:
+        """The stored parts' layouts by part name (``""`` for a full tensor)."""
+        return dict(zip(self.encoding.parts, self.specs))
 
     def reads(self) -> tuple[list[Read], int]:
         """The engine inputs ``[plus, minus(, weight)]`` in float32, and the index of W among them."""
@@ -210,16 +216,15 @@ def _d_rows(t: PriorTensor, w: int, block: Block, a: int, b: int) -> tuple[torch
 
     When the minus side is the MLLM itself (``w == 1``), W's rows are the ones just read for D.
     """
-    out = torch.zeros((b - a, *t.shape[1:]), dtype=torch.float32)
     r = min(b, t.rows) - a
-    if w == 1:
-        minus = block.read(1, a, b)
+    minus = block.read(1, a, b if w == 1 else a + max(r, 0))
+    if r == b - a:  # the common case: every row is shared, no zero fill
+        out = torch.sub(block.read(0, a, b), minus)
+    else:
+        out = torch.zeros((b - a, *t.shape[1:]), dtype=torch.float32)
         if r > 0:
             torch.sub(block.read(0, a, a + r), minus[:r], out=out[:r])
-        return out, _sq(minus)
-    if r > 0:
-        torch.sub(block.read(0, a, a + r), block.read(1, a, a + r), out=out[:r])
-    return out, _sq(block.read(w, a, b))
+    return out, _sq(minus) if w == 1 else _sq(block.read(w, a, b))
 
 
 def _norms(t: PriorTensor, w: int, block: Block) -> Stats:
@@ -238,15 +243,11 @@ def _encode_rows(t: PriorTensor, w: int, block: Block, *, scale: float | None, c
     stats = Stats() if scale is not None else Stats(d_sq=_sq(d), w_sq=w_sq)
     if scale not in (None, 1.0):
         d.mul_(scale)
-    parts = t.encoding.encode(d, _part_specs(t), comp)
+    parts = t.encoding.encode(d, t.part_specs, comp)
     _write_parts(t, block, block.start, parts)
     fid = _fidelity(d, t.encoding.expand(parts, tuple(d.shape)))
     stats.add(fid)
     return stats
-
-
-def _part_specs(t: PriorTensor) -> dict[str, TensorSpec]:
-    return {part: s for part, s in zip(t.encoding.parts, t.specs)}
 
 
 def _encode_whole(t: PriorTensor, w: int, block: Block, *, normalize: bool, comp: Compression | None) -> Stats:
@@ -259,7 +260,7 @@ def _encode_whole(t: PriorTensor, w: int, block: Block, *, normalize: bool, comp
     scale = _scale(stats, normalize)
     if scale != 1.0:
         d.mul_(scale)
-    parts = t.encoding.encode(d.reshape(t.shape), _part_specs(t), comp)
+    parts = t.encoding.encode(d.reshape(t.shape), t.part_specs, comp)
     _write_parts(t, block, 0, parts)
     stats.add(_fidelity(d, t.encoding.expand(parts, t.shape)))
     return stats
