@@ -344,7 +344,9 @@ def write_partner(first: str | os.PathLike, config: str | os.PathLike | dict, ou
         info = classify_key(spec.name, family)
         if info.role != "text" or (info.canonical not in src.text and not (src.tied and info.kind == "lm_head")):
             return None
-        key = src.resolve(info.canonical)
+        if info.kind == "experts" or src.resolve(info.canonical).expert is not None:
+            raise ValueError(f"{spec.name}: partners of MoE expert tensors are not generated (fused and per-expert layouts differ)")
+        key = src.resolve(info.canonical).key
         shape = ckpt.meta(key).shape
         if shape[1:] != spec.shape[1:] or (shape[:1] != spec.shape[:1] and info.kind not in ("embed", "lm_head")):
             raise ValueError(f"{spec.name}: shape {spec.shape} does not match {key} {shape} of {first}")

@@ -122,10 +122,10 @@ def movement(base: Path, model: Path, reasoner: Path, prior: Prior) -> tuple[flo
     mb, mm, mr = open_model(base), open_model(model), open_model(reasoner)
     dot = uu = dd = far = far0 = 0.0
     for name in prior.names:
-        w0 = mb.ckpt.get(mb.resolve(name)).double()
-        u = mm.ckpt.get(mm.resolve(name)).double() - w0
+        w0 = mb.get(name).double()
+        u = mm.get(name).double() - w0
         d = prior.get(name).double()
-        r = mr.ckpt.get(mr.resolve(name)).double()
+        r = mr.get(name).double()
         dot += float((u * d).sum())
         uu += float(u.square().sum())
         dd += float(d.square().sum())

@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from deltakit.engine.executor import Block, Job, Read, default_threads, execute
+from deltakit.engine.executor import Block, Job, Read, default_threads, execute, whole_rows
 from deltakit.engine.selection import MODULE_GROUPS, Selection, SelectionError
 from deltakit.engine.sums import Summed, dot64, sq64
-from deltakit.families import Family
+from deltakit.families import KINDS, Family
+from deltakit.lineage import unrelated_warning
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import PairedTensor, Pairing, pair
 from deltakit.progress import ProgressFn, no_progress
@@ -44,7 +45,8 @@ FAR_COSINE = 0.85
 CLOSE_REL_L2 = math.sqrt(2 - 2 * CLOSE_COSINE)
 FAR_REL_L2 = math.sqrt(2 - 2 * FAR_COSINE)
 
-KIND_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm", "embed", "lm_head", "other")
+KIND_ORDER = KINDS[:KINDS.index("shared.gate")] + ("router",) + KINDS[KINDS.index("shared.gate"):] + (
+    "norm", "embed", "lm_head", "cross", "other")
 
 VERDICTS = {
     "close": "close: naive merging is likely safe",
@@ -97,6 +99,7 @@ class TensorDiff:
     stats: Stats
     nonfinite_a: int = 0
     nonfinite_b: int = 0
+    expert: int | None = None
 
     @property
     def finite(self) -> bool:
@@ -115,6 +118,7 @@ class DiffReport:
     layers: dict[int, Stats]
     kinds: dict[str, Stats]
     overall: Stats
+    experts: dict[tuple[int, int], Stats]
     median_layer_cosine: float
     median_layer_l2: float
     median_layer_rel_l2: float
@@ -151,6 +155,7 @@ class DiffReport:
             },
             "layers": [{"layer": i, **asdict(s)} for i, s in sorted(self.layers.items())],
             "kinds": [{"kind": k, **asdict(s)} for k, s in self.kinds.items()],
+            "experts": [{"layer": i, "expert": j, **asdict(s)} for (i, j), s in sorted(self.experts.items())],
             "tensors": [tensor_record(t) for t in self.tensors],
             "only_a": self.only_a,
             "only_b": self.only_b,
@@ -163,7 +168,7 @@ class DiffReport:
 def tensor_record(t: TensorDiff) -> dict:
     """The flat per-tensor record shared by the JSON and CSV outputs."""
     return {
-        "canonical": t.canonical, "key_a": t.key_a, "key_b": t.key_b, "layer": t.layer, "kind": t.kind,
+        "canonical": t.canonical, "key_a": t.key_a, "key_b": t.key_b, "layer": t.layer, "kind": t.kind, "expert": t.expert,
         "shape_a": list(t.shape_a), "shape_b": list(t.shape_b), "rows_compared": t.rows_compared,
         **asdict(t.stats), "nonfinite_a": t.nonfinite_a, "nonfinite_b": t.nonfinite_b,
     }
@@ -199,8 +204,8 @@ def plan_diff(pairing: Pairing, selection: Selection = ALL) -> list[Job]:
     for p in pairing.matched:
         if selection(p.canonical):
             rows, per_row = _extent(p)
-            jobs.append(Job(p.canonical, (Read(pairing.a.ckpt, p.key_a, torch.float32), Read(pairing.b.ckpt, p.key_b, torch.float32)),
-                            0, rows, per_row, _reduce))
+            reads = (Read.of(pairing.a.ckpt, p.part_a, torch.float32), Read.of(pairing.b.ckpt, p.part_b, torch.float32))
+            jobs.append(Job(p.canonical, reads, 0, rows, per_row, _reduce, block_rows=whole_rows(reads)))
     if not jobs:
         raise SelectionError(f"no matched text-tower tensor is selected by modules {','.join(selection.modules)} with this layer/name filter")
     return jobs
@@ -211,7 +216,7 @@ def _count_nonfinite(jobs: list[Job], threads: int) -> list[tuple[int, int]]:
     def count(block: Block) -> tuple[int, int]:
         return tuple(int((~torch.isfinite(block.read(i))).sum()) for i in (0, 1))
 
-    recount = [Job(j.name, j.reads, j.start, j.stop, j.row_elements, count) for j in jobs]
+    recount = [Job(j.name, j.reads, j.start, j.stop, j.row_elements, count, block_rows=j.block_rows) for j in jobs]
     return [tuple(map(sum, zip(*blocks))) for blocks in execute(recount, threads=threads, description="diff: NaN/Inf")]
 
 
@@ -275,16 +280,19 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, selection: Selection, prog
             warnings.append(f"{p.canonical}: {where}; left out of the layer, kind and overall figures")
         bytes_read += s.numel * (ma.ckpt.meta(p.key_a).dtype.itemsize + mb.ckpt.meta(p.key_b).dtype.itemsize)
         tensors.append(TensorDiff(p.canonical, p.key_a, p.key_b, p.layer, p.kind, p.shape_a, p.shape_b, p.rows,
-                                  s.stats(), bad_a, bad_b))
+                                  s.stats(), bad_a, bad_b, p.expert))
 
     layer_sums: dict[int, Sums] = {}
     kind_sums: dict[str, Sums] = {}
+    expert_sums: dict[tuple[int, int], Sums] = {}
     overall = Sums()
     for t, s in zip(tensors, sums):
         if not t.finite:
             continue
         if t.layer is not None:
             layer_sums.setdefault(t.layer, Sums()).add(s)
+        if t.expert is not None:
+            expert_sums.setdefault((t.layer, t.expert), Sums()).add(s)
         kind_sums.setdefault(t.kind, Sums()).add(s)
         overall.add(s)
     layers = {i: s.stats() for i, s in sorted(layer_sums.items())}
@@ -295,9 +303,13 @@ def _diff(ma: MappedCheckpoint, mb: MappedCheckpoint, selection: Selection, prog
         med_rel = _median([s.rel_l2 for s in layers.values()])
     else:  # no layered tensor in common (e.g. embeddings only): judge the whole matched set
         med_cos, med_rel = whole.cosine, whole.rel_l2
+    unrelated = unrelated_warning(med_cos)
+    if unrelated:
+        warnings.append(unrelated)
     return DiffReport(
         a=str(ma.path), b=str(mb.path), family_a=ma.family.name, family_b=mb.family.name, tensors=tensors,
-        layers=layers, kinds=kinds, overall=whole, median_layer_cosine=med_cos,
+        layers=layers, kinds=kinds, overall=whole, experts={k: v.stats() for k, v in expert_sums.items()},
+        median_layer_cosine=med_cos,
         median_layer_l2=_median([s.l2 for s in layers.values()]), median_layer_rel_l2=med_rel,
         verdict=verdict(med_cos, med_rel), only_a=pairing.only_a, only_b=pairing.only_b,
         shape_mismatch=pairing.shape_mismatch, notes=pairing.notes, warnings=warnings, bytes_read=bytes_read,

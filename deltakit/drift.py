@@ -17,9 +17,13 @@ of a tensor this process holds, they are summed over the shards of a tensor (one
 under FSDP2), and :func:`coefficients` turns them into ``c``. Because the sums are exact, a sharded run
 biases exactly as an unsharded one.
 
-Zeros: norms are floored at :data:`EPS` before dividing. A zero gradient gives ``c = 0`` for gradnorm
-and adaptive (``|g| = 0``; the cosine is taken as 0), so no bias; a zero ``D`` adds nothing under any
-rule (``c * 0``). Small but non-zero norms are used as they are.
+Zeros: ``c = 0`` wherever ``D = 0`` (nothing to pull toward, under every rule); a zero gradient gives
+``c = 0`` for gradnorm and adaptive (``|g| = 0``; the cosine is taken as 0). Each norm is floored at
+:data:`EPS` on its own before dividing; small but non-zero norms are used as they are.
+
+MoE experts: a fused expert parameter (``mlp.experts.gate_up_proj`` [E, 2I, H]) holds one canonical
+tensor per expert and projection, and each gets its own ``c`` from its own three sums, exactly as if
+the experts were separate weights (as Qwen3-MoE stores them on disk).
 
 :class:`DriftBias` binds a prior to a model's parameters through the family mapping and applies the rule
 to the accumulated gradient, once per optimizer step (see ``docs/finetune.md`` for where that sits).
@@ -28,6 +32,7 @@ to the accumulated gradient, once per optimizer step (see ``docs/finetune.md`` f
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,8 +43,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from deltakit.drift_rules import check_rule
 from deltakit.errors import DeltakitError, IncompatibleError
-from deltakit.families import Family
-from deltakit.model import map_parameters
+from deltakit.families import Family, Part
+from deltakit.model import map_parameters, part_of
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +67,38 @@ class PriorSource(Protocol):
     def alpha(self, name: str) -> float: ...
 
 
-def tensor_stats(g: torch.Tensor, d: torch.Tensor, d_sq: torch.Tensor | None = None) -> torch.Tensor:
+def tensor_stats(g: torch.Tensor, d: torch.Tensor, d_sq: torch.Tensor | None = None, segments: int = 1) -> torch.Tensor:
     """``[|g|^2, |D|^2, <g, D>]`` of (this process's part of) one tensor, as float64.
 
     The products are accumulated in float32 (pairwise, exact enough for a scale factor) and returned in
     float64 so that sums over shards and tensors lose nothing further. ``d_sq``, when given, is used as
-    ``|D|^2`` of this part (D is constant, so callers compute it once).
+    ``|D|^2`` (D is constant, so callers compute it once). With ``segments`` > 1 the tensor is cut into
+    that many equal consecutive pieces (the experts of a fused MoE tensor) and the result has one row each.
     """
-    g32 = g.reshape(-1).float()
-    d32 = d.reshape(-1).to(device=g.device, dtype=torch.float32)
-    dd = torch.dot(d32, d32) if d_sq is None else d_sq.to(device=g.device, dtype=torch.float32)
-    return torch.stack([torch.dot(g32, g32), dd, torch.dot(g32, d32)]).double()
+    g32 = g.reshape(segments, -1).float()
+    d32 = d.reshape(segments, -1).to(device=g.device, dtype=torch.float32)
+    dd = (d32 * d32).sum(1) if d_sq is None else d_sq.to(device=g.device, dtype=torch.float32).reshape(segments)
+    out = torch.stack([(g32 * g32).sum(1), dd, (g32 * d32).sum(1)], 1).double()
+    return out[0] if segments == 1 else out
 
 
 def coefficients(stats: torch.Tensor, alpha: torch.Tensor, rule: str) -> torch.Tensor:
-    """Per-tensor ``c`` of ``g' = g - c D`` from ``stats`` (rows ``[|g|^2, |D|^2, <g,D>]``) and ``alpha``."""
+    """Per-tensor ``c`` of ``g' = g - c D`` from ``stats`` (rows ``[|g|^2, |D|^2, <g,D>]``) and ``alpha``.
+
+    ``c`` is 0 wherever ``D`` is 0 (nothing to pull toward); each norm is floored at :data:`EPS` on its
+    own before dividing, so a small but non-zero norm does not shrink the cosine.
+    """
     check_rule(rule)
     alpha = alpha.to(stats)
-    if rule == "absolute":
-        return alpha.clone()
     g_norm = stats[..., 0].clamp_min(0).sqrt()
     d_norm = stats[..., 1].clamp_min(0).sqrt()
-    scale = alpha * g_norm / d_norm.clamp_min(EPS)
+    has_d = d_norm > 0
+    if rule == "absolute":
+        return torch.where(has_d, alpha, torch.zeros_like(alpha))
+    scale = torch.where(has_d, alpha * g_norm / d_norm.clamp_min(EPS), torch.zeros_like(g_norm))
     if rule == "gradnorm":
         return scale
-    cos = stats[..., 2] / (g_norm * d_norm).clamp_min(EPS)
+    cos = stats[..., 2] / (g_norm.clamp_min(EPS) * d_norm.clamp_min(EPS))
     return scale * (1 + cos.clamp(-1, 1)) / 2
 
 
@@ -110,13 +122,27 @@ def _shard_groups(param: torch.Tensor) -> tuple:
 
 @dataclass
 class Target:
-    """One parameter carrying a prior: its canonical and in-memory names, the parameter, this process's part of D, alpha."""
+    """One parameter carrying a prior: its in-memory name, the parameter, this process's part of D.
 
-    canonical: str
+    A parameter is cut into ``len(canonicals)`` equal consecutive segments, each one canonical tensor
+    with its own rule coefficient: one for a plain weight, ``E`` or ``2E`` for a fused MoE expert tensor
+    (``down_proj`` [E, H, I], ``gate_up_proj`` [E, 2I, H]: expert j's gate then up). ``canonicals[i]`` is
+    None for a segment the prior does not cover (its D is 0); ``alphas`` are per segment. Under FSDP2
+    this process holds segments ``[first, first + local)``.
+    """
+
     name: str
     param: torch.nn.Parameter
     prior: torch.Tensor
-    alpha: float
+    canonicals: list[str | None]
+    alphas: list[float]
+    first: int = 0
+    local: int = 1
+
+    @property
+    def canonical(self) -> str | None:
+        """The canonical name of a one-segment target."""
+        return self.canonicals[0] if len(self.canonicals) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -138,37 +164,49 @@ class DriftBias:
         self.rule = check_rule(rule)
         self.alpha = float(alpha)
         self.targets = targets
-        self._alphas = torch.tensor([self.alpha * t.alpha for t in targets], dtype=torch.float64)
+        self._alphas = torch.tensor([self.alpha * a for t in targets for a in t.alphas], dtype=torch.float64)
+        self._rows = []  # each target's first row in the per-segment statistics
         groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(targets):
+        row = 0
+        for t in targets:
+            self._rows.append(row)
             key = _shard_groups(t.param)
             if key:
-                groups.setdefault(key, []).append(i)
+                groups.setdefault(key, []).extend(range(row, row + len(t.canonicals)))
+            row += len(t.canonicals)
+        self._covered = torch.tensor([c is not None for t in targets for c in t.canonicals])
         self._shard_rows = [(key, torch.tensor(rows)) for key, rows in groups.items()]
-        # |D|^2 of this process's part never changes: computed once, summed over shards with the other stats each step.
-        self._d_sq = [tensor_stats(t.prior, t.prior)[0].float().to(_local(t.param).device) for t in targets]
+        # |D|^2 of this process's segments never changes: computed once, summed over shards with the other stats each step.
+        self._d_sq = [tensor_stats(t.prior, t.prior, segments=t.local)[..., 0].float().to(_local(t.param).device) if t.local else None
+                      for t in targets]
 
     @property
     def num_tensors(self) -> int:
-        return len(self.targets)
+        """Canonical prior tensors bound (each expert of a fused tensor counts once)."""
+        return sum(c is not None for t in self.targets for c in t.canonicals)
 
     @property
     def num_params(self) -> int:
-        return sum(t.param.numel() for t in self.targets)
+        return sum(t.param.numel() * sum(c is not None for c in t.canonicals) // len(t.canonicals) for t in self.targets)
 
     @classmethod
     def bind(cls, model: torch.nn.Module, prior: PriorSource, rule: str = "adaptive", alpha: float = 1.0,
              family: str | Family | None = None, prior_device: torch.device | str | None = None) -> "DriftBias":
         """Map every prior tensor to its parameter of ``model`` (in-memory names, via the family table).
 
-        Fails with :class:`IncompatibleError` when the prior names a ``family`` other than the model's (the
-        family name is compared, not the key layout: qwen2_vl and qwen2_5_vl share a layout but not weights,
-        so D of one means nothing for the other), when a prior tensor finds no parameter, a shape differs or
-        the parameter is frozen: a prior is never silently ignored. Each D is read once in its stored
-        dtype and placed on its parameter's device (or ``prior_device``), split like the parameter when
-        it is an FSDP2 DTensor. ``model`` must be unwrapped (not inside DDP).
+        Fails with :class:`IncompatibleError` when the prior is empty or names a ``family`` other than the
+        model's (the family name is compared, not the key layout: qwen2_vl and qwen2_5_vl share a layout
+        but not weights, so D of one means nothing for the other), when a prior tensor finds no parameter,
+        a shape differs or the parameter is frozen: a prior is never silently ignored. Each D is read once
+        in its stored dtype and placed on its parameter's device (or ``prior_device``), split like the
+        parameter when it is an FSDP2 DTensor. MoE experts (one prior tensor per expert) are placed in
+        their fused parameter, each expert biased with its own coefficient. ``model`` must be unwrapped
+        (not inside DDP).
         """
         check_rule(rule)
+        names = list(prior.names)
+        if not names:
+            raise IncompatibleError("the prior holds no tensor; export one with deltakit prior (check its --modules/--layers)")
         fam, _, text = map_parameters(model, family)
         built_for = getattr(prior, "family", None)
         if built_for is not None and built_for != fam.name:
@@ -176,29 +214,41 @@ class DriftBias:
                 f"the prior was built for a {built_for} model but this model is {fam.name}; a prior only fits the family it was "
                 f"exported against (same key layout is not enough), so export one with deltakit prior --mllm <this model>")
         params = dict(model.named_parameters())
-        names = list(prior.names)
         missing = [n for n in names if n not in text]
         if missing:
             raise IncompatibleError(
                 f"prior tensor {missing[0]!r} (and {len(missing) - 1} more) matches no parameter of this {fam.name} model "
                 f"(text tower has {len(text)} tensors, e.g. {next(iter(text), 'none')!r}); is the prior from another model?")
-        targets = []
+        by_param: dict[str, list[str]] = {}
         for n in names:
-            p = params[text[n]]
-            if tuple(prior.shape(n)) != tuple(p.shape):
-                raise IncompatibleError(f"prior tensor {n!r} has shape {tuple(prior.shape(n))} but parameter {text[n]!r} has {tuple(p.shape)}")
+            part = text[n]
+            if tuple(prior.shape(n)) != tuple(part.shape):
+                raise IncompatibleError(f"prior tensor {n!r} has shape {tuple(prior.shape(n))} but parameter {part.key!r} "
+                                        f"holds it as {tuple(part.shape)}")
+            by_param.setdefault(part.key, []).append(n)
+        segments: dict[str, list[tuple[str, Part]]] = {}
+        for c, part in text.items():
+            if part.key in by_param and part.expert is not None:
+                segments.setdefault(part.key, []).append((c, part))
+        targets = []
+        for pname, covered in by_param.items():
+            p = params[pname]
             if not p.requires_grad:
-                raise IncompatibleError(f"prior tensor {n!r} targets frozen parameter {text[n]!r}; unfreeze it or drop it from the prior")
+                raise IncompatibleError(f"prior tensor {covered[0]!r} targets frozen parameter {pname!r}; unfreeze it or drop it from the prior")
             device = torch.device(prior_device) if prior_device is not None else _local(p).device
+            load_device = p.device_mesh.device_type if isinstance(p, DTensor) else device
+            if pname not in segments:
+                full, canonicals, alphas = prior.get(covered[0], device=load_device), covered, [float(prior.alpha(covered[0]))]
+            else:
+                full, canonicals, alphas = _fused_prior(prior, p, set(covered), segments[pname], load_device)
+            first, local = 0, len(canonicals)
             if isinstance(p, DTensor):
-                full = prior.get(n, device=p.device_mesh.device_type)
-                d = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                d, first, local = _distribute(full, p, len(canonicals))
                 d = d.to(device, copy=True)
                 del full
             else:
-                d = prior.get(n, device=device)
-                d = d.clone() if d.device.type == "cpu" else d
-            targets.append(Target(n, text[n], p, d, float(prior.alpha(n))))
+                d = full.clone() if full.device.type == "cpu" and pname not in segments else full
+            targets.append(Target(pname, p, d, canonicals, alphas, first, local))
         bias = cls(targets, rule, alpha)
         log.info("DRIFT prior: %d tensors, %s parameters carry a prior (rule %s, alpha %g, %s)", bias.num_tensors,
                  f"{bias.num_params:,}", rule, alpha, "prior on cpu" if prior_device == "cpu" else "prior on the training device")
@@ -216,18 +266,67 @@ class DriftBias:
 
     def apply(self) -> DriftStep:
         """Bias every target's ``.grad`` in place (``g -= c D``); a parameter without a gradient is an error."""
-        grads = []
-        for t in self.targets:
+        grads, rows = [], []
+        for t, dd in zip(self.targets, self._d_sq):
             if t.param.grad is None:
                 raise DeltakitError(f"parameter {t.name!r} carries a prior but got no gradient (is it used in the forward pass?)")
-            grads.append(_local(t.param.grad))
-        stats = self._sum_over_shards(torch.stack([tensor_stats(g, t.prior, dd) for g, t, dd in zip(grads, self.targets, self._d_sq)]))
+            g = _local(t.param.grad)
+            grads.append(g)
+            n = len(t.canonicals)
+            if n == 1:
+                rows.append(tensor_stats(g, t.prior, dd).reshape(1, 3))
+                continue
+            r = torch.zeros(n, 3, dtype=torch.float64, device=g.device)
+            if t.local:
+                r[t.first:t.first + t.local] = tensor_stats(g, t.prior, dd, segments=t.local).reshape(-1, 3)
+            rows.append(r)
+        stats = self._sum_over_shards(torch.cat(rows))
         c = coefficients(stats, self._alphas.to(stats.device), self.rule)
-        c_list = c.tolist()
-        for g, t, ci in zip(grads, self.targets, c_list):
-            if ci != 0.0:
-                g.add_(t.prior if t.prior.device == g.device else t.prior.to(g.device, non_blocking=True), alpha=-ci)
+        for g, t, row in zip(grads, self.targets, self._rows):
+            d = t.prior if t.prior.device == g.device else t.prior.to(g.device, non_blocking=True)
+            if len(t.canonicals) == 1:
+                ci = float(c[row])
+                if ci != 0.0:
+                    g.add_(d, alpha=-ci)
+            elif t.local:
+                local = c[row + t.first:row + t.first + t.local].to(g.dtype)
+                g.view(t.local, -1).addcmul_(d.view(t.local, -1), -local[:, None])
+        covered = self._covered.to(stats.device)
         g_norm, d_norm = stats[:, 0].clamp_min(0).sqrt(), stats[:, 1].clamp_min(0).sqrt()
-        cos = stats[:, 2] / (g_norm * d_norm).clamp_min(EPS)
+        cos = (stats[:, 2] / (g_norm.clamp_min(EPS) * d_norm.clamp_min(EPS)))[covered]
         ratio = (c.square() * stats[:, 1]).sum().sqrt() / stats[:, 0].sum().sqrt().clamp_min(EPS)
-        return DriftStep(cos=float(cos.mean()) if len(c_list) else 0.0, bias_ratio=float(ratio))
+        return DriftStep(cos=float(cos.mean()) if cos.numel() else 0.0, bias_ratio=float(ratio))
+
+
+def _fused_prior(prior: PriorSource, param: torch.Tensor, covered: set[str], parts: list[tuple[str, Part]],
+                 device: torch.device | str) -> tuple[torch.Tensor, list[str | None], list[float]]:
+    """D of a fused expert parameter, every expert's prior tensor in its place (0 where the prior has none),
+    with the canonical name and alpha of each segment, in memory order."""
+    parts = sorted(parts, key=lambda cp: (cp[1].expert, cp[1].offset))
+    if len(parts) * math.prod(parts[0][1].shape) != param.numel():
+        raise IncompatibleError(f"{len(parts)} expert tensors of shape {list(parts[0][1].shape)} do not tile parameter of shape {list(param.shape)}")
+    full = None
+    canonicals, alphas = [], []
+    for c, part in parts:
+        if c in covered:
+            value = prior.get(c, device=device)
+            if full is None:
+                full = torch.zeros(tuple(param.shape), dtype=value.dtype, device=device)
+            part_of(full, part).copy_(value)
+        canonicals.append(c if c in covered else None)
+        alphas.append(float(prior.alpha(c)) if c in covered else 0.0)
+    return full, canonicals, alphas
+
+
+def _distribute(full: torch.Tensor, param: DTensor, segments: int) -> tuple[torch.Tensor, int, int]:
+    """This process's part of D split like ``param``, and the segments it holds (first, count)."""
+    mesh, placements = param.device_mesh, param.placements
+    local = distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
+    if segments == 1:
+        return local, 0, 1
+    if any(p.is_shard() and p.dim != 0 for p in placements):
+        raise IncompatibleError(f"a fused expert parameter sharded on a dimension other than 0 ({placements}) is not supported; "
+                                f"FSDP2's default Shard(0) is")
+    rows = distribute_tensor(torch.arange(param.shape[0], device=mesh.device_type), mesh, placements, src_data_rank=None).to_local()
+    per_row = segments // param.shape[0]
+    return local, int(rows[0]) * per_row if rows.numel() else 0, rows.numel() * per_row

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deltakit.errors import IncompatibleError
-from deltakit.families import classify_canonical
+from deltakit.families import Part, classify_canonical, expert_index
+from deltakit.lineage import check_lineage
 from deltakit.model import EMBED, LM_HEAD, MappedCheckpoint
 
 _VOCAB_KINDS = ("embed", "lm_head")
@@ -20,10 +21,8 @@ class PairedTensor:
     """
 
     canonical: str
-    key_a: str
-    key_b: str
-    shape_a: tuple[int, ...]
-    shape_b: tuple[int, ...]
+    part_a: Part
+    part_b: Part
     layer: int | None
     kind: str
     rows: int | None = None
@@ -31,6 +30,26 @@ class PairedTensor:
     @property
     def group(self) -> str:
         return self.kind.split(".")[0]
+
+    @property
+    def key_a(self) -> str:
+        return self.part_a.key
+
+    @property
+    def key_b(self) -> str:
+        return self.part_b.key
+
+    @property
+    def shape_a(self) -> tuple[int, ...]:
+        return self.part_a.shape
+
+    @property
+    def shape_b(self) -> tuple[int, ...]:
+        return self.part_b.shape
+
+    @property
+    def expert(self) -> int | None:
+        return expert_index(self.canonical)
 
 
 @dataclass
@@ -54,9 +73,30 @@ class Pairing:
             )
 
 
+def experts_per_layer(m: MappedCheckpoint) -> dict[int, int]:
+    """MoE experts of each decoder layer of ``m`` (layers without experts left out)."""
+    found: dict[int, set[int]] = {}
+    for name in m.text:
+        j = expert_index(name)
+        if j is not None:
+            found.setdefault(classify_canonical(name)[0], set()).add(j)
+    return {layer: len(js) for layer, js in found.items()}
+
+
 def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
-    """Match ``a`` and ``b`` by canonical name. Raises :class:`IncompatibleError` if nothing matches."""
-    p = Pairing(a, b)
+    """Match ``a`` and ``b`` by canonical name.
+
+    First the lineage check (:func:`deltakit.lineage.check_lineage`): two text towers of different
+    architectures cannot share a base, which is one :class:`IncompatibleError` line naming what differs.
+    Raises it too if nothing matches, or if a layer has experts in both but not as many.
+    """
+    lineage = check_lineage(a.ckpt.config, a.family, b.ckpt.config, b.family, str(a.path), str(b.path))
+    ea, eb = experts_per_layer(a), experts_per_layer(b)
+    for layer in sorted(set(ea) & set(eb)):
+        if ea[layer] != eb[layer]:
+            raise IncompatibleError(f"layer {layer} has {ea[layer]} experts in {a.path} but {eb[layer]} in {b.path}; "
+                                    f"experts pair one to one, so these models cannot be compared or merged")
+    p = Pairing(a, b, notes=lineage)
     names_a = set(a.text) | ({LM_HEAD} if a.tied else set())
     names_b = set(b.text) | ({LM_HEAD} if b.tied else set())
     if a.tied and b.tied:
@@ -64,10 +104,10 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
         names_b.discard(LM_HEAD)
     for side, m in (("A", a), ("B", b)):
         if m.tied and LM_HEAD in names_a & names_b:
-            p.notes.append(f"{side} ties lm_head to embed_tokens: its lm_head is compared through {m.text[EMBED]}")
+            p.notes.append(f"{side} ties lm_head to embed_tokens: its lm_head is compared through {m.text[EMBED].key}")
     for name in sorted(names_a & names_b, key=canonical_order):
         ka, kb = a.resolve(name), b.resolve(name)
-        sa, sb = a.ckpt.meta(ka).shape, b.ckpt.meta(kb).shape
+        sa, sb = ka.shape, kb.shape
         layer, kind = classify_canonical(name)
         rows = None
         if sa != sb:
@@ -80,7 +120,7 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
             else:
                 p.shape_mismatch.append((name, sa, sb))
                 continue
-        p.matched.append(PairedTensor(name, ka, kb, sa, sb, layer, kind, rows))
+        p.matched.append(PairedTensor(name, ka, kb, layer, kind, rows))
     p.only_a = sorted(names_a - names_b, key=canonical_order)
     p.only_b = sorted(names_b - names_a, key=canonical_order)
     if not p.matched:
@@ -91,6 +131,7 @@ def pair(a: MappedCheckpoint, b: MappedCheckpoint) -> Pairing:
 
 
 def canonical_order(name: str) -> tuple:
-    """Sort key of canonical names: embeddings, then layer by layer, then the rest (norm, lm_head)."""
+    """Sort key of canonical names: embeddings, then layer by layer (experts in index order), then the rest."""
     layer, _ = classify_canonical(name)
-    return (-1 if name == EMBED else 10**9 if layer is None else layer, name)
+    j = expert_index(name)
+    return (-1 if name == EMBED else 10**9 if layer is None else layer, j is not None, j or 0, name)

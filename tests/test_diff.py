@@ -173,8 +173,22 @@ def test_tied_embeddings_compare_through_embed(tiny_checkpoint):
     assert "lm_head.weight" not in {t.canonical for t in both.tensors}
 
 
-def test_shape_mismatch_is_reported(tiny_checkpoint):
-    report = diff(tiny_checkpoint("qwen2"), tiny_checkpoint("qwen2", intermediate=48))
+def _without_config(folder, tmp_path):
+    """The same shards under a config that states nothing about the architecture."""
+    bare = tmp_path / f"bare-{folder.name}"
+    bare.mkdir()
+    for f in folder.glob("*.safetensors*"):
+        (bare / f.name).symlink_to(f)
+    (bare / "config.json").write_text('{"model_type": "qwen2"}')
+    return bare
+
+
+def test_lineage_check_then_shape_mismatch_is_reported(tiny_checkpoint, tmp_path):
+    a, b = tiny_checkpoint("qwen2"), tiny_checkpoint("qwen2", intermediate=48)
+    with pytest.raises(IncompatibleError, match=r"cannot share a base model: intermediate_size 64 vs 48;"):
+        diff(a, b)
+    # when the configs do not say, the tensors do: every MLP weight is reported, the rest compared
+    report = diff(a, _without_config(b, tmp_path))
     assert sorted(n for n, _, _ in report.shape_mismatch) == sorted(
         f"layers.{i}.mlp.{m}_proj.weight" for i in range(2) for m in ("gate", "up", "down"))
     assert "mlp.up" not in report.kinds and "attn.q" in report.kinds

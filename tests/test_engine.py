@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from deltakit.diagnostics import diff
 from deltakit.engine.executor import Job, Read, execute
-from deltakit.engine.selection import Selection, SelectionError, parse_layers
+from deltakit.engine.selection import DEFAULT_MODULES, PRIOR_MODULES, Selection, SelectionError, parse_layers
+from deltakit.families import classify_canonical
 from deltakit.engine.sums import dot64, sq64
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import SafetensorsWriter, TensorSpec
@@ -24,7 +25,7 @@ NAMES = [
     "embed_tokens.weight", "norm.weight", "lm_head.weight",
     *(f"layers.{i}.{m}" for i in range(4) for m in (
         "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight", "mlp.down_proj.weight",
-        "input_layernorm.weight", "self_attn.q_norm.weight")),
+        "input_layernorm.weight", "self_attn.sinks")),
 ]
 
 
@@ -39,7 +40,28 @@ def _layer(names: set[str], layers, suffixes) -> set[str]:
 
 ALL = set(NAMES)
 PER_LAYER = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight", "mlp.down_proj.weight",
-             "input_layernorm.weight", "self_attn.q_norm.weight")
+             "input_layernorm.weight", "self_attn.sinks")
+
+
+def test_kinds_of_the_2025_towers():
+    """What each command's default selection takes from MoE, Qwen3.5 and mllama towers (docs/families.md)."""
+    kinds = {
+        "layers.0.mlp.experts.7.gate_proj.weight": "mlp.gate", "layers.0.mlp.experts.7.down_proj.weight": "mlp.down",
+        "layers.0.mlp.gate.weight": "router", "layers.0.mlp.shared_expert_gate.weight": "router",
+        "layers.0.mlp.shared_expert.up_proj.weight": "shared.up", "layers.0.self_attn.q_norm.weight": "norm",
+        "layers.0.pre_feedforward_layernorm.weight": "norm", "layers.0.linear_attn.in_proj_qkv.weight": "attn.qkv",
+        "layers.0.linear_attn.in_proj_b.weight": "attn.b", "layers.0.linear_attn.out_proj.weight": "attn.out",
+        "layers.0.linear_attn.conv1d.weight": "linear_attn.conv", "layers.0.linear_attn.A_log": "linear_attn.A_log",
+        "layers.0.linear_attn.norm.weight": "linear_attn.norm", "cross_layers.3.cross_attn.q_proj.weight": "cross",
+    }
+    assert {n: classify_canonical(n)[1] for n in kinds} == kinds
+    prior, merge = Selection.parse(DEFAULT_MODULES["prior"]), Selection.parse(DEFAULT_MODULES["merge"])
+    assert {n for n in kinds if prior(n)} == {
+        "layers.0.mlp.experts.7.gate_proj.weight", "layers.0.mlp.experts.7.down_proj.weight",
+        "layers.0.linear_attn.in_proj_qkv.weight", "layers.0.linear_attn.in_proj_b.weight",
+        "layers.0.linear_attn.out_proj.weight"}
+    assert {n for n in kinds if not merge(n)} == {"cross_layers.3.cross_attn.q_proj.weight"}
+    assert "cross" not in PRIOR_MODULES and "router" in PRIOR_MODULES
 
 
 def test_layer_grammar():
@@ -59,7 +81,7 @@ def test_selection_by_module_layer_skip_and_globs():
     assert _sel(modules="attn") == _layer(ALL, range(4), ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.o_proj.weight"))
     assert _sel(modules="attn.q,norm") == _layer(ALL, range(4), ("self_attn.q_proj.weight", "self_attn.q_proj.bias",
                                                                  "input_layernorm.weight")) | {"norm.weight"}
-    assert _sel(modules="other") == _layer(ALL, range(4), ("self_attn.q_norm.weight",))
+    assert _sel(modules="other") == _layer(ALL, range(4), ("self_attn.sinks",))
     # the layer filter leaves tensors outside the decoder layers to the module filter alone
     assert _sel(layers="1:3") == _layer(ALL, (1, 2), PER_LAYER) | {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
     assert _sel(modules="mlp", layers="0,2:", skip_first=3) == {"layers.3.mlp.down_proj.weight"}

@@ -315,7 +315,8 @@ def test_cli_validation_errors(models, full32, tmp_path, capsys):
     _one_error(["prior", "--mllm", vl, "--llm", llm, str(tmp_path / "d.safetensors"), "--modules", "vision"], capsys, "unknown module")
     _one_error(["prior", "--mllm", vl, "--llm", llm, str(tmp_path / "e.safetensors"), "--layers", "5:2"], capsys, "bad layer range")
     wide = save_tiny("qwen2", tmp_path / "wide", intermediate=96, layers=LAYERS)
-    _one_error(["prior", "--mllm", vl, "--llm", str(wide), str(tmp_path / "f.safetensors")], capsys, "shape")
+    _one_error(["prior", "--mllm", vl, "--llm", str(wide), str(tmp_path / "f.safetensors")], capsys,
+               "cannot share a base model: intermediate_size 64 vs 96;")
     short = save_partner_llm(save_tiny("qwen2_5_vl", tmp_path / "vl2", layers=2), tmp_path / "short")
     _one_error(["prior", "--mllm", vl, "--llm", str(short), str(tmp_path / "g.safetensors")], capsys, "not in")
     bad = _load(models["llm"])

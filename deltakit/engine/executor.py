@@ -24,8 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
+from deltakit.families import Part
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.reader import RowReader, single_threaded_torch
+from deltakit.model import part_of
 from deltakit.progress import ProgressFn, no_progress
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -40,12 +42,63 @@ class RowSink(Protocol):
 
 
 @dataclass(frozen=True)
+class Assembly:
+    """A stored fused expert tensor of one model (``shape`` [E, X, Y]) rebuilt from another checkpoint's parts.
+
+    ``pieces`` pairs each canonical tensor's place in the target (a :class:`~deltakit.families.Part` of
+    the target key) with where the other checkpoint stores it; rows of an assembly are experts. A merge
+    reads its partners this way when the MLLM's experts are fused and theirs are not (or transposed).
+    """
+
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[Part, Part], ...]
+
+
+@dataclass(frozen=True)
 class Read:
-    """One input of a job: tensor ``key`` of ``ckpt``, read in ``dtype``."""
+    """One input of a job: tensor ``key`` of ``ckpt`` read in ``dtype``; with ``part``, the rows of a canonical
+    tensor held in a fused one (:class:`~deltakit.families.Part`) or an :class:`Assembly`."""
 
     ckpt: Checkpoint
     key: str
     dtype: torch.dtype
+    part: Part | Assembly | None = None
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, part: Part, dtype: torch.dtype) -> "Read":
+        """The read of canonical tensor ``part`` (a plain key read when it is a whole stored tensor)."""
+        return cls(ckpt, part.key, dtype, part if part.expert is not None else None)
+
+
+def whole_rows(reads: Sequence[Read]) -> int | None:
+    """``block_rows`` for a job over ``reads``: a transposed part is read whole (its rows are columns on disk)."""
+    rows = [r.part.shape[0] for r in reads if isinstance(r.part, Part) and r.part.transposed]
+    return max(rows) if rows else None
+
+
+def read_part(reader: RowReader, ckpt: Checkpoint, part: Part | Assembly, a: int, b: int, dtype: torch.dtype,
+              slot: object) -> torch.Tensor:
+    """Rows ``[a, b)`` of a canonical part (or experts ``[a, b)`` of an assembly) in ``dtype``."""
+    if isinstance(part, Assembly):
+        out = reader.buffer(("assembly", slot), (b - a, *part.shape[1:]), dtype)
+        for target, source in part.pieces:
+            if a <= target.expert < b:
+                value = read_part(reader, ckpt, source, 0, source.shape[0], dtype, ("piece", slot)) \
+                    if source.expert is not None else reader.read(ckpt, source.key, 0, source.shape[0], dtype, ("piece", slot))
+                m = out[target.expert - a]
+                rows = target.shape[0]
+                (m[:, target.offset:target.offset + rows] if target.transposed else m[target.offset:target.offset + rows]) \
+                    .copy_(value.t() if target.transposed else value)
+        return out
+    meta = ckpt.meta(part.key)
+    if meta.file == "pickle":
+        return part_of(ckpt.get(part.key), part)[a:b].to(dtype)
+    _, x, y = meta.shape
+    if not part.transposed:
+        return reader.read_elements(ckpt, part.key, (part.expert * x + part.offset + a) * y, (b - a, y), dtype, slot)
+    slab = reader.read_elements(ckpt, part.key, part.expert * x * y, (x, y), meta.dtype, slot)
+    out = reader.buffer(("transposed", slot), (b - a, x), dtype)
+    return out.copy_(slab[:, part.offset + a:part.offset + b].t())
 
 
 @dataclass
@@ -91,8 +144,10 @@ class Block:
         The tensor is a reused buffer: do not modify it (compute out of place) and do not keep it.
         """
         r = self.job.reads[i]
-        return self._reader.read(r.ckpt, r.key, self.start if a is None else a, self.stop if b is None else b,
-                                 dtype or r.dtype, i)
+        a, b = self.start if a is None else a, self.stop if b is None else b
+        if r.part is None:
+            return self._reader.read(r.ckpt, r.key, a, b, dtype or r.dtype, i)
+        return read_part(self._reader, r.ckpt, r.part, a, b, dtype or r.dtype, i)
 
     def write(self, name: str, row_start: int, rows: torch.Tensor) -> None:
         """Write ``rows`` as rows ``[row_start, ...)`` of output tensor ``name``."""

@@ -22,20 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltakit.errors import DeltakitError
-from deltakit.families import GROUPS, classify_canonical
+from deltakit.families import GROUPS, KINDS, classify_canonical
 
 MODULE_GROUPS: tuple[str, ...] = GROUPS
-MODULE_KINDS: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+MODULE_KINDS: tuple[str, ...] = KINDS
 MODULES: tuple[str, ...] = MODULE_GROUPS + MODULE_KINDS
-PRIOR_MODULES: tuple[str, ...] = tuple(m for m in MODULES if m != "other")
-"""Modules a prior may hold: every kind with a name (a prior tensor must map back onto a known parameter)."""
+PRIOR_MODULES: tuple[str, ...] = tuple(m for m in MODULES if m not in ("other", "cross"))
+"""Modules a prior may hold: every kind with a name (a prior tensor must map back onto a known parameter),
+except the MLLM-only cross-attention layers, which no LLM has a counterpart for."""
 DEFAULT_MODULES: dict[str, tuple[str, ...]] = {
     "diff": MODULE_GROUPS,
-    "merge": ("attn", "mlp", "norm"),
+    "merge": ("attn", "mlp", "norm", "router", "shared", "linear_attn"),
     "prior": ("attn", "mlp"),
 }
-"""Each command's default ``modules``: diff compares every matched tensor, merge the decoder weights and
-norms, prior the attention and MLP weights (the paper's D)."""
+"""Each command's default ``modules``: diff compares every matched tensor; merge every weight of the paired
+decoder layers (attention, MLP and MoE experts, norms, routers, shared experts, linear-attention state
+parameters), not the embeddings or lm_head; prior the attention and MLP weights (the paper's D), which
+covers MoE experts (``mlp.*`` with an expert index) and Qwen3.5's linear-attention projections
+(``attn.qkv/z/a/b/out``) but not routers, shared experts or linear-attention convolution, decay and norm."""
 LAYERS_HELP = "Layer ranges START:END (END exclusive, either end may be empty) or single indices, comma-separated, e.g. 0:8,20:."
 
 LayerRanges = tuple[tuple[int, int | None], ...]

@@ -32,14 +32,26 @@ class RowReader:
         meta = ckpt.meta(key)
         if meta.file == "pickle":
             return ckpt.rows(key, a, b).to(dtype)
-        shape = (b - a, *meta.shape[1:])
-        count = (b - a) * prod(meta.shape[1:])
+        row = prod(meta.shape[1:])
+        return self.read_elements(ckpt, key, a * row, (b - a, *meta.shape[1:]), dtype, slot)
+
+    def read_elements(self, ckpt: Checkpoint, key: str, first: int, shape: tuple[int, ...], dtype: torch.dtype,
+                      slot: object) -> torch.Tensor:
+        """``prod(shape)`` consecutive elements of ``key`` from element ``first``, as ``shape`` in ``dtype``."""
+        meta = ckpt.meta(key)
+        count = prod(shape)
+        if first < 0 or first + count > meta.numel:
+            raise CheckpointError(f"{key}: elements [{first}, {first + count}) outside its {meta.numel}")
         raw = self._buffer(("raw", slot), count * meta.dtype.itemsize, torch.uint8)
-        self._pread(meta.file, raw, meta.offset + a * prod(meta.shape[1:]) * meta.dtype.itemsize)
+        self._pread(meta.file, raw, meta.offset + first * meta.dtype.itemsize)
         rows = raw.view(meta.dtype).reshape(shape)
         if meta.dtype == dtype:
             return rows
         return self._buffer(("cast", slot), count, dtype).reshape(shape).copy_(rows)
+
+    def buffer(self, name: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A per-thread scratch tensor of ``shape`` reused under ``name`` (contents undefined)."""
+        return self._buffer(("scratch", name), prod(shape), dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from deltakit.engine.executor import Assembly
 from deltakit.errors import IncompatibleError
-from deltakit.families import TensorInfo
+from deltakit.families import Part, TensorInfo
 from deltakit.merge import methods
 from deltakit.merge.config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, MergeConfigError, evaluate_setting
 from deltakit.model import MappedCheckpoint, open_model
@@ -29,16 +30,18 @@ Compute = Callable[[torch.Tensor | None, list[torch.Tensor], int], torch.Tensor]
 class TensorJob:
     """What to do for one output tensor (an MLLM key).
 
-    ``sources`` are ``(checkpoint, key)`` of the contributing models, ``base`` the base model's, both
-    empty for a copy. Rows ``[0, rows)`` are merged, ``[rows, shape[0])`` copied from the MLLM.
+    ``sources`` are ``(checkpoint, where)`` of the contributing models, ``base`` the base model's, both
+    empty for a copy; ``where`` is the :class:`Part` holding this tensor (the MLLM's own key, or the
+    canonical tensor in another model), or for a fused expert tensor of the MLLM the :class:`Assembly` of
+    another model's experts in its layout. Rows ``[0, rows)`` are merged, ``[rows, shape[0])`` copied from the MLLM.
     """
 
     key: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     canonical: str | None = None
-    sources: list[tuple[MappedCheckpoint, str]] = field(default_factory=list)
-    base: tuple[MappedCheckpoint, str] | None = None
+    sources: list[tuple[MappedCheckpoint, Part | Assembly]] = field(default_factory=list)
+    base: tuple[MappedCheckpoint, Part | Assembly] | None = None
     rows: int = 0
     compute: Compute | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -119,16 +122,24 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
         plan.notes.append(f"{mllm.path} ties lm_head to embed_tokens; lm_head is merged only with embed")
     sums: dict[float, str] = {}
 
-    def locate(path: str, canonical: str, key: str) -> tuple[str, int]:
+    def locate(path: str, parts: dict[str, Part], key: str) -> tuple[Part | Assembly, int]:
+        """Where input ``path`` holds the MLLM tensor ``key`` (made of ``parts``), and how many of its rows it shares."""
+        shape = mllm.ckpt.meta(key).shape
         if path == mllm_path:
-            return key, mllm.ckpt.meta(key).shape[0]
-        if canonical in mismatched[path]:
-            sa, sb = mismatched[path][canonical]
-            raise IncompatibleError(f"cannot merge {canonical}: shape {list(sa)} in {mllm.path} vs {list(sb)} in {path}")
-        t = matched[path].get(canonical)
-        if t is None:
-            raise IncompatibleError(f"{path} has no {canonical} (needed for {mllm.path}'s {key}); narrow modules: or layers:")
-        return t.key_b, t.rows if t.rows is not None else t.shape_a[0]
+            return Part(key, shape), shape[0] if shape else 1
+        found = []
+        for canonical in parts:
+            if canonical in mismatched[path]:
+                sa, sb = mismatched[path][canonical]
+                raise IncompatibleError(f"cannot merge {canonical}: shape {list(sa)} in {mllm.path} vs {list(sb)} in {path}")
+            t = matched[path].get(canonical)
+            if t is None:
+                raise IncompatibleError(f"{path} has no {canonical} (needed for {mllm.path}'s {key}); narrow modules: or layers:")
+            found.append(t)
+        if len(parts) == 1 and next(iter(parts.values())).expert is None:
+            t = found[0]
+            return t.part_b, t.rows if t.rows is not None else t.shape_a[0]
+        return Assembly(shape, tuple((parts[t.canonical], t.part_b) for t in found)), shape[0]
 
     for key in mllm.ckpt.keys():
         meta = mllm.ckpt.meta(key)
@@ -136,15 +147,23 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
         dtype = out_dtype if out_dtype is not None and meta.dtype.is_floating_point else meta.dtype
         job = TensorJob(key, meta.shape, dtype, info.canonical)
         plan.jobs.append(job)
-        if info.role != "text" or not config.selection(info.canonical):
-            job.reason = info.role if info.role != "text" else "not selected"
+        if info.role != "text":
+            job.reason = info.role
             continue
-        located = [locate(e.model, info.canonical, key) for e in nonbase]
-        job.sources = [(plan.inputs[e.model], k) for e, (k, _) in zip(nonbase, located)]
+        parts = mllm.parts_of(key) if info.kind == "experts" else {info.canonical: Part(key, meta.shape)}
+        chosen = [c for c in parts if config.selection(c)]
+        if not chosen:
+            job.reason = "not selected"
+            continue
+        if len(chosen) < len(parts):
+            raise MergeConfigError(f"{key} holds {len(parts)} expert tensors and the selection takes {len(chosen)} of them; a fused "
+                                   f"expert tensor is merged or copied whole, so select all of its experts or none")
+        located = [locate(e.model, parts, key) for e in nonbase]
+        job.sources = [(plan.inputs[e.model], where) for e, (where, _) in zip(nonbase, located)]
         rows = [r for _, r in located]
         if base_path is not None:
-            bkey, brows = locate(base_path, info.canonical, key)
-            job.base = (plan.inputs[base_path], bkey)
+            where, brows = locate(base_path, parts, key)
+            job.base = (plan.inputs[base_path], where)
             rows.append(brows)
         job.rows = min(rows)
         if job.rows < meta.shape[0]:

@@ -21,12 +21,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deltakit import __version__
-from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Block, Job, Read, execute
+from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Assembly, Block, Job, Read, execute, whole_rows
+from deltakit.families import Part
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
 from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge import methods
 from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
+from deltakit.model import MappedCheckpoint
 from deltakit.progress import ProgressFn, no_progress
 
 log = logging.getLogger(__name__)
@@ -133,15 +137,32 @@ def engine_jobs(plan: MergePlan) -> list[Job]:
         per_row = math.prod(job.shape[1:])
         merged = job.rows if job.merged and job.shape else 0
         if merged:
-            reads = [Read(m.ckpt, k, cd) for m, k in job.sources + ([job.base] if job.base else [])]
+            reads = [_read(m, where, job.key, cd) for m, where in job.sources + ([job.base] if job.base else [])]
             if streaming == "tensor":
                 jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_ties_tensor, job), whole=True))
             else:
-                rows = methods.dare_block_rows(job.shape) if streaming == "dare" else None
+                rows = methods.dare_block_rows(job.shape) if streaming == "dare" else whole_rows(reads)
                 jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_merge_rows, job), block_rows=rows))
         if merged < n:
             jobs.append(Job(job.key, [Read(plan.mllm.ckpt, job.key, job.out_dtype)], merged, n, per_row, partial(_copy_rows, job)))
     return jobs
+
+
+def _read(m: MappedCheckpoint, where: Part | Assembly, key: str, dtype: torch.dtype) -> Read:
+    """The engine input of one source: a part of its own checkpoint, or an assembly in the MLLM's layout."""
+    return Read(m.ckpt, key, dtype, where) if isinstance(where, Assembly) else Read.of(m.ckpt, where, dtype)
+
+
+def _sample(block: Block, i: int) -> torch.Tensor:
+    """About :data:`methods.TopK.SAMPLE` entries of input ``i`` from at most 1024 evenly spaced rows, strided
+    within each row, reading only those rows (a row of a fused expert tensor is a whole expert). The
+    positions depend only on the shape, so deltas of samples are samples of deltas."""
+    rows, per_row = block.stop - block.start, block.job.row_elements
+    if rows * per_row <= DEFAULT_BLOCK_ELEMENTS:
+        return methods.sample(block.read(i).clone())
+    picked = torch.linspace(block.start, block.stop - 1, min(rows, 1024)).round().long().tolist()
+    step = max(1, per_row // max(1, methods.TopK.SAMPLE // len(picked)))
+    return torch.stack([block.read(i, r, r + 1).reshape(-1)[::step].clone() for r in picked])
 
 
 def _merge_rows(job: TensorJob, block: Block) -> None:
@@ -160,12 +181,8 @@ def _ties_tensor(job: TensorJob, block: Block) -> None:
     rows, n = block.stop, len(job.sources)
     blocks = block.sub_blocks()
     numel = rows * block.job.row_elements
-    base_ref = job.base
-    base_sample = methods.sample(base_ref[0].ckpt.rows(base_ref[1], 0, rows)).to(block.job.reads[n].dtype)
-    tops = [methods.TopK(methods.sample(m.ckpt.rows(k, 0, rows)).to(base_sample.dtype) - base_sample, numel, rho)
-            for (m, k), rho in zip(job.sources, job.params["density"])]
-    for m, k in job.sources + [base_ref]:
-        m.ckpt.release(k, 0, rows)  # sampling faulted in mapped pages around the sampled rows
+    base_sample = _sample(block, n)
+    tops = [methods.TopK(_sample(block, i) - base_sample, numel, rho) for i, rho in enumerate(job.params["density"])]
     while not all(t.done for t in tops):
         for a, b in blocks:
             base = block.read(n, a, b)

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from deltakit import __version__
-from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Block, Job, Read, execute
+from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Block, Job, Read, execute, whole_rows
 from deltakit.engine.selection import DEFAULT_MODULES as _DEFAULTS
 from deltakit.engine.selection import PRIOR_MODULES, Selection, SelectionError
 from deltakit.engine.sums import Summed, dot64
 from deltakit.engine.sums import sq64 as _sq
 from deltakit.errors import IncompatibleError
-from deltakit.families import classify_canonical
+from deltakit.families import Part, classify_canonical
 from deltakit.io.writer import SafetensorsWriter, TensorSpec, check_output_free
 from deltakit.model import LM_HEAD, MappedCheckpoint, open_model
 from deltakit.pairing import canonical_order, pair
@@ -55,9 +55,9 @@ class PriorTensor:
     kind: str
     layer: int | None
     shape: tuple[int, ...]
-    plus: tuple[MappedCheckpoint, str]
-    minus: tuple[MappedCheckpoint, str]
-    weight: tuple[MappedCheckpoint, str]
+    plus: tuple[MappedCheckpoint, Part]
+    minus: tuple[MappedCheckpoint, Part]
+    weight: tuple[MappedCheckpoint, Part]
     rows: int
     alpha: float
     encoding: Encoding
@@ -78,10 +78,10 @@ class PriorTensor:
 
     def reads(self) -> tuple[list[Read], int]:
         """The engine inputs ``[plus, minus(, weight)]`` in float32, and the index of W among them."""
-        reads = [Read(self.plus[0].ckpt, self.plus[1], torch.float32), Read(self.minus[0].ckpt, self.minus[1], torch.float32)]
+        reads = [Read.of(m.ckpt, part, torch.float32) for m, part in (self.plus, self.minus)]
         if self.weight == self.minus:
             return reads, 1
-        return reads + [Read(self.weight[0].ckpt, self.weight[1], torch.float32)], 2
+        return reads + [Read.of(self.weight[0].ckpt, self.weight[1], torch.float32)], 2
 
 
 @dataclass
@@ -184,22 +184,22 @@ def plan_prior(mllm: MappedCheckpoint, plus: MappedCheckpoint, minus: MappedChec
         notes += [n for n in p.notes if n.split(":")[0] in wanted or (LM_HEAD in wanted and "ties lm_head" in n)]
     tensors = []
     for n in names:
-        key = mllm.text[n]
-        shape = tuple(mllm.ckpt.meta(key).shape)
+        part = mllm.text[n]
+        shape = tuple(part.shape)
         rows = shape[0]
         refs = {}
         for role, other in (("plus", plus), ("minus", minus)):
             if other is mllm:
-                refs[role] = (mllm, key)
+                refs[role] = (mllm, part)
             else:
                 t = paired[role][n]
-                refs[role] = (other, t.key_b)
+                refs[role] = (other, t.part_b)
                 rows = min(rows, t.rows if t.rows is not None else rows)
         if rows < shape[0]:
             notes.append(f"{n}: D covers the {rows} vocabulary rows all models share; the MLLM's other {shape[0] - rows} rows are 0 (no bias)")
         layer, kind = classify_canonical(n)
         encoding = ENCODINGS[comp.encoding(shape) if comp else "full"]
-        tensors.append(PriorTensor(n, kind, layer, shape, refs["plus"], refs["minus"], (mllm, key), rows,
+        tensors.append(PriorTensor(n, kind, layer, shape, refs["plus"], refs["minus"], (mllm, part), rows,
                                    module_alpha(kind, alphas), encoding, encoding.specs(n, shape, dtype, comp)))
     return tensors, notes
 
@@ -298,7 +298,7 @@ def _scale(stats: Stats, normalize: bool) -> float:
 def _job(t: PriorTensor, compute, whole: bool = False) -> Job:
     reads, w = t.reads()
     n = t.shape[0] if t.shape else 1
-    rows = n if len(t.shape) < 2 else None  # a vector is one block (int8 scales it as one row)
+    rows = n if len(t.shape) < 2 else whole_rows(reads)  # a vector is one block (int8 scales it as one row)
     return Job(t.name, reads, 0, n, t.row_elements, partial(compute, t, w), whole=whole, block_rows=rows)
 
 
@@ -436,7 +436,7 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
             stats = _run(tensors, writer, normalize, comp, threads, block_elements, progress, str(comp or dtype))
             bad = [t for t, s in zip(tensors, stats) if not (math.isfinite(s.d_sq) and math.isfinite(s.w_sq))]
             if bad:
-                raise PriorError(f"{bad[0].name}: NaN or Inf in the inputs ({bad[0].plus[1]} / {bad[0].minus[1]}); nothing was written")
+                raise PriorError(f"{bad[0].name}: NaN or Inf in the inputs ({bad[0].plus[1].key} / {bad[0].minus[1].key}); nothing was written")
             final = metadata(stats)
             writer.rewrite_metadata(final)
         if normalize:

@@ -54,7 +54,7 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
     if config.save_dtype != "auto":
         return _DTYPES[config.save_dtype]
     mapped = open_model(config.model, config.family)
-    return mapped.ckpt.meta(mapped.text[next(iter(mapped.text))]).dtype
+    return mapped.ckpt.meta(next(iter(mapped.text.values())).key).dtype
 
 
 def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]], dict], Any]:
