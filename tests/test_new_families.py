@@ -186,3 +186,35 @@ def test_qwen3_vl_moe_in_its_published_transposed_layout(pairs, tmp_path):
     _, out = load(tmp_path / "out")
     names = paired(a, b, [])
     torch.testing.assert_close(out[gate_up], 0.7 * a[gate_up] + 0.3 * b[names[gate_up][0]], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["fused", "published"])
+def test_ties_trims_each_fused_expert_tensor_as_one_tensor(pairs, layout, tmp_path):
+    """TIES of one LLM onto the MLLM as base, density 0.5: each stored tensor keeps its exact top half of |delta|
+    (mergekit's count int(0.5 n)), whether the MLLM's experts are fused in memory layout or transposed."""
+    from safetensors.torch import load_file, save_file
+
+    vl, llm = pairs("qwen3_vl_moe")
+    if layout == "published":
+        src, vl = vl, tmp_path / "published"
+        vl.mkdir()
+        for f in src.iterdir():
+            if f.suffix == ".safetensors":
+                save_file({k: (v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v) for k, v in load_file(f).items()},
+                          vl / f.name, metadata={"format": "pt"})
+            else:
+                (vl / f.name).write_bytes(f.read_bytes())
+    cfg = MergeConfig.from_dict({"merge_method": "ties", "base_model": {"model": str(vl)}, "mllm": str(vl),
+                                 "models": [{"model": str(llm), "parameters": {"weight": 1.0, "density": 0.5}}]})
+    merge(cfg, tmp_path / "out")
+    _, a = load(vl)
+    _, b = load(llm)
+    _, out = load(tmp_path / "out")
+    names = paired(a, b, [])
+    for n in (k for k in a if k.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        delta = (b[names[n][0]] - a[n]).float()
+        k = int(0.5 * delta.numel())
+        keep = torch.zeros(delta.numel(), dtype=torch.bool)
+        keep[delta.abs().flatten().topk(k).indices] = True
+        want = a[n].float() + delta * keep.reshape(delta.shape)
+        torch.testing.assert_close(out[n].float(), want, rtol=1e-6, atol=1e-7)
