@@ -55,6 +55,8 @@ CONFIG_DIRS = (ROOT / "tests" / "data" / "model-configs", Path("/work/shared/mod
 SHARD_BYTES = 5 * 10**9  # the published Qwen/DeepSeek repos cap shards at ~4-5 GB (transformers' old "5GB")
 CHUNK = 1 << 24  # elements generated at a time (64 MB of float32)
 WORKERS = min(4, os.cpu_count() or 1)
+PUBLISHED_TRANSPOSED_EXPERTS = ("qwen3_vl_moe",)
+"""Families whose published checkpoints store fused experts transposed (see :func:`deltakit.families.fused_layout`)."""
 TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vision_layers=2, vision_hidden=32, vision_heads=2)
 
 
@@ -106,7 +108,13 @@ def plan(config: str | os.PathLike | dict, dtype: torch.dtype = torch.bfloat16, 
         model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     state = revert_weight_conversion(model, state)
-    return [TensorSpec(k, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for k, t in state.items()]
+    specs = [TensorSpec(k, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for k, t in state.items()]
+    if layout == "published" and model.config.model_type in PUBLISHED_TRANSPOSED_EXPERTS:
+        # transformers transposes these on load only when the shape differs from the model's (check_dims), so
+        # reverting on the meta device cannot tell; the published checkpoints hold [E, H, 2I] / [E, I, H].
+        specs = [TensorSpec(s.name, s.dtype, (s.shape[0], s.shape[2], s.shape[1])) if ".mlp.experts." in s.name else s
+                 for s in specs]
+    return specs
 
 
 def shrink(config: dict, layers: int | None = None, hidden: int | None = None, heads: int | None = None,

@@ -76,3 +76,29 @@ def test_paper_pipeline(models, tmp_path):
     for name in ("Qwen2.5-VL-7B-Instruct", "br2v", "sft", "drift"):
         report = json.loads((runs / f"eval-{name}.json").read_text())
         assert report["examples"] == 4 and len(report["predictions"]) == 4
+
+
+def test_priors_of_the_2026_pairs(tmp_path):
+    models = tmp_path / "models"
+    for family, mllm, llm in (("qwen3_vl", "Qwen3-VL-8B-Instruct", "Qwen3-8B"),
+                              ("qwen3_vl_moe", "Qwen3-VL-30B-A3B-Instruct", "Qwen3-30B-A3B"),
+                              ("internvl", "InternVL3-8B-hf", "DeepSeek-R1-Distill-Qwen-7B"),
+                              ("mllama", "Llama-3.2-11B-Vision", "DeepSeek-R1-Distill-Llama-8B")):
+        save_tiny(family, models / mllm)
+        save_partner_llm(models / mllm, models / llm, noise=1.0)
+    runs = tmp_path / "runs"
+    run_recipe("prior-2026-pairs.sh", {"MODELS": str(models), "RUNS": str(runs)})
+    from deltakit.prior import Prior
+
+    # tiny towers: 2 layers (mllama: 5, of which 2 cross-attention); q,k,v,o (+3 biases for InternVL's Qwen2
+    # tower) and 3 MLP weights per layer, or for the MoE 3 per expert x 4 experts
+    expected = {"Qwen3-VL-8B-Instruct": ("qwen3_vl", 2 * 7), "Qwen3-VL-30B-A3B-Instruct": ("qwen3_vl_moe", 2 * (4 + 4 * 3)),
+                "InternVL3-8B-hf": ("internvl", 2 * 10), "Llama-3.2-11B-Vision": ("mllama", 3 * 7)}
+    for mllm, (family, n) in expected.items():
+        pair = next(runs.glob(f"{mllm}--*.prior.safetensors"))
+        prior = Prior.open(pair)
+        assert (prior.family, len(prior.names)) == (family, n)
+        prior.close()
+        report = json.loads(next(runs.glob(f"{mllm}--*.diff.json")).read_text())
+        assert report["a"]["family"] == family
+        assert len(report["experts"]) == (2 * 4 if family == "qwen3_vl_moe" else 0)
