@@ -70,10 +70,17 @@ class Family:
         if not self.text_type:
             object.__setattr__(self, "text_type", self.name)
 
+    def text_type_of(self, config: dict) -> str:
+        """The LLM ``model_type`` of this model's text tower: its config's ``text_config.model_type`` when that
+        names a text-only family (LLaVA-Next ships Mistral and Llama towers), else :attr:`text_type`."""
+        named = (config.get("text_config") or {}).get("model_type")
+        return named if any(f.name == named and not f.multimodal for f in FAMILIES) else self.text_type
+
 
 # transformers 5 saves a text-only model as model.*; Qwen3.5's text models as model.language_model.*.
-CAUSAL_LM = Layout(text=("model.",))
-QWEN35_TEXT = Layout(text=("model.language_model.", "model."))
+# A base model saved without its LM head wrapper has no model. prefix (the empty prefix, shortest, loses to the others).
+CAUSAL_LM = Layout(text=("model.", ""))
+QWEN35_TEXT = Layout(text=("model.language_model.", "model.", ""))
 # transformers < 4.52 and >= 5 save Qwen2-VL/2.5-VL as model.* / visual.*; 4.52-4.57 and Qwen3-VL as model.language_model.* / model.visual.*.
 QWEN_VL = Layout(
     text=("model.language_model.", "model."),

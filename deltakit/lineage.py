@@ -148,7 +148,8 @@ def text_architecture(config: dict, family: Family) -> TextArchitecture:
         head_dim = hidden // heads
     experts = _int(_get(sections, *_EXPERT_KEYS)) or None
     bias = _get(sections, "attention_bias")
-    attention_bias = bool(bias) if bias is not None else family.text_type in _BIASED_TEXT_TYPES
+    text_type = family.text_type_of(config)
+    attention_bias = bool(bias) if bias is not None else text_type in _BIASED_TEXT_TYPES
     types = _get(sections, "layer_types")
     layer_types = None
     if isinstance(types, (list, tuple)):
@@ -168,7 +169,7 @@ def text_architecture(config: dict, family: Family) -> TextArchitecture:
         tied=_tied(config, sections),
         layer_types=layer_types,
         cross_layers=len(cross),
-        text_type=family.text_type,
+        text_type=text_type,
     )
 
 

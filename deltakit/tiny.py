@@ -191,7 +191,7 @@ _NOT_MODEL = ("architectures", "model_type", "dtype", "torch_dtype", "transforme
 
 
 def partner_config(src) -> PretrainedConfig:
-    """The config of a text-only LLM of ``src``'s ``family.text_type`` with the text tower of ``src``
+    """The config of a text-only LLM of ``src``'s text type (:meth:`~deltakit.families.Family.text_type_of`) with the text tower of ``src``
     (a :class:`~deltakit.model.MappedCheckpoint`).
 
     Built from the MLLM's own ``text_config`` (over its top-level fields, for flat legacy configs): every
@@ -205,7 +205,8 @@ def partner_config(src) -> PretrainedConfig:
     text = {k: v for k, v in cfg.items() if k not in _NOT_MODEL} if fam.multimodal else {}
     text.update(cfg.get("text_config") or ({} if fam.multimodal else cfg))
     src_type = text.get("model_type")
-    cls = transformers.CONFIG_MAPPING[fam.text_type]
+    llm_type = fam.text_type_of(cfg)
+    cls = transformers.CONFIG_MAPPING[llm_type]
     aliases = getattr(cls, "attribute_map", {}) or {}  # saved configs hold the targets (num_local_experts)
     known = {f.name for f in dataclasses.fields(cls)} | set(aliases) | set(aliases.values()) | _READ_ANYWAY
     kw = {k: v for k, v in text.items() if k in known and k not in _NOT_MODEL}
@@ -224,7 +225,7 @@ def partner_config(src) -> PretrainedConfig:
         if rope.get("type") == "mrope":  # Qwen2-VL's legacy marker of its mrope
             mllm_only.add("type")
         kw["rope_parameters"] = {k: v for k, v in rope.items() if k not in mllm_only}
-    return transformers.AutoConfig.for_model(fam.text_type, **kw)
+    return transformers.AutoConfig.for_model(llm_type, **kw)
 
 
 def save_partner_llm(mllm: str | os.PathLike, path: str | os.PathLike, noise: float = 0.1, seed: int = 1,
@@ -235,14 +236,14 @@ def save_partner_llm(mllm: str | os.PathLike, path: str | os.PathLike, noise: fl
     ``noise * N(0, 1)``): ``noise`` sets how far apart the pair is, as close LLaVA-like pairs or far
     Qwen-VL-like pairs are in the paper.
 
-    The LLM is of the family's ``text_type`` (:func:`partner_config`), holds every paired canonical
+    The LLM is of the MLLM's text type (:func:`partner_config`), holds every paired canonical
     tensor (MLLM-only cross-attention layers are left out) and fills fused MoE experts expert by expert.
     Where the MLLM's embedding has extra rows (mllama's 8 beyond the vocabulary), the LLM gets the first
     ``vocab_size``. Noise is drawn per canonical tensor in parameter order, with a generator seeded by ``seed``.
     """
     src = open_model(mllm)
     config = partner_config(src)
-    llm = get_family(src.family.text_type)
+    llm = get_family(src.family.text_type_of(src.ckpt.config))
     model = getattr(transformers, llm.architectures[0])(config)
     _, infos, parts = map_parameters(model, llm)
     unmapped = [n for n, i in infos.items() if i.role != "text"]

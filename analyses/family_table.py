@@ -1,0 +1,241 @@
+"""Write docs/families.md: what the family table makes of every real config under tests/data/model-configs.
+
+Each model is built on the meta device (``getattr(transformers, architectures[0])(AutoConfig.for_model(**config))``,
+no weights), its in-memory parameter names mapped with :func:`deltakit.model.map_parameters` and its on-disk
+names (what ``save_pretrained`` writes: tied weights dropped, load-time conversions reverted) with
+:func:`deltakit.model.map_checkpoint` on a header-only checkpoint. The tables list, per model, the family,
+the paired decoder layers, the canonical text-tower tensors per module kind, and what the default prior
+selection (``DEFAULT_MODULES["prior"]``) leaves out. tests/test_families.py checks the same numbers
+against counts derived from each config.
+
+    python analyses/family_table.py            # rewrites docs/families.md
+    python analyses/family_table.py --check    # exit 1 when docs/families.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import transformers  # noqa: E402
+from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import revert_weight_conversion  # noqa: E402
+from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: E402
+
+from deltakit.engine.selection import DEFAULT_MODULES, Selection  # noqa: E402
+from deltakit.families import FAMILIES, GROUPS, KINDS, classify_canonical  # noqa: E402
+from deltakit.io.checkpoint import Checkpoint, TensorMeta  # noqa: E402
+from deltakit.model import map_checkpoint, map_parameters  # noqa: E402
+
+CONFIGS = ROOT / "tests" / "data" / "model-configs"
+OUT = ROOT / "docs" / "families.md"
+KIND_ORDER = list(KINDS[:9]) + ["norm"] + list(KINDS[9:]) + ["router", "embed", "lm_head", "cross"]
+ABBREV = {"linear_attn.conv": "la.conv", "linear_attn.A_log": "la.A_log", "linear_attn.dt_bias": "la.dt_bias",
+          "linear_attn.norm": "la.norm"}
+
+
+def _model(raw: dict):
+    cfg = transformers.AutoConfig.for_model(**raw)
+    with torch.device("meta"):
+        return getattr(transformers, raw["architectures"][0])(cfg)
+
+
+def describe(name: str, raw: dict) -> dict:
+    """Family, layers, canonical tensors by kind, disk expert layout and the default prior's coverage of one model."""
+    model = _model(raw)
+    fam, _, mem = map_parameters(model)
+    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+    metas = {k: TensorMeta(k, "meta", 0, t.dtype, tuple(t.shape)) for k, t in state.items()}
+    disk = map_checkpoint(Checkpoint(Path(name), raw, {"meta": SimpleNamespace(metas=metas)}, {k: "meta" for k in metas}))
+    if {c: p.shape for c, p in mem.items()} != {c: p.shape for c, p in disk.text.items()}:
+        raise SystemExit(f"{name}: in-memory and on-disk canonical tensors differ")
+    prior = Selection.parse(DEFAULT_MODULES["prior"])
+    kinds: Counter = Counter()
+    numel: Counter = Counter()
+    for c, p in mem.items():
+        kind = classify_canonical(c)[1]
+        kinds[kind] += 1
+        numel[kind] += math.prod(p.shape)
+    left = Counter()
+    left_numel = 0
+    for c, p in mem.items():
+        if not prior(c):
+            left[classify_canonical(c)[1]] += 1
+            left_numel += math.prod(p.shape)
+    experts = {p.key for p in disk.text.values() if p.expert is not None}
+    if any(p.expert is not None for p in mem.values()):
+        if experts:
+            shape = next(metas[k].shape for k in sorted(experts) if k.endswith("gate_up_proj"))
+            transposed = next(p.transposed for p in disk.text.values() if p.expert is not None)
+            layout = f"fused {'[E, H, 2I]' if transposed else '[E, 2I, H]'} {list(shape)}"
+        else:
+            layout = "one tensor per expert"
+    else:
+        layout = ""
+    text_mt = (raw.get("text_config") or {}).get("model_type") or raw.get("model_type")
+    return dict(name=name, family=fam.name, llm=fam.text_type, text_mt=text_mt, layers=disk.num_layers, cross=sorted(disk.cross),
+                tied=disk.tied or "lm_head.weight" not in mem, kinds=kinds, numel=numel, total=sum(numel.values()),
+                left=left, left_numel=left_numel, disk_experts=layout, multimodal=fam.multimodal,
+                disk_tensors=len(state), text_tensors=len(mem))
+
+
+def _kinds_text(kinds: Counter) -> str:
+    return ", ".join(f"{ABBREV.get(k, k)} {kinds[k]}" for k in KIND_ORDER if kinds[k])
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+HEAD = """# Model families and default module sets
+
+Generated by `python analyses/family_table.py` from the real `config.json` files under
+`tests/data/model-configs/` (provenance in its `SOURCES.md`), built on the meta device with transformers
+{version}; `tests/test_families.py` checks every number below against counts derived from the configs.
+"Text tensors" are canonical text-tower tensors (one per MoE expert: a fused `gate_up_proj` holds each
+expert's `gate_proj` and `up_proj`). Biases count with their kind (`attn.q` = q weight + q bias for Qwen2
+towers). In memory and on disk every model maps to the same canonical names and shapes, which is what
+lets a prior exported from the checkpoints bind to the parameters `finetune` trains.
+
+Tied embeddings: configs are taken as written. Under transformers {version} InternVL3-8B-hf and
+Mistral-Small-3.1 then tie `lm_head` to `embed_tokens` (their top level has no `tie_word_embeddings` and
+their config classes default to true), so they show no `lm_head`; their published checkpoints ship a
+separate one (add `"tie_word_embeddings": false` at the top level to build them that way: +{internvl_head}
+and +{mistral3_head} parameters).
+
+## Default module sets
+
+| command | default `--modules` | what that selects |
+|---|---|---|
+| `diff` | {diff} | every canonical text-tower tensor: the question is how far apart the towers are, all of them |
+| `merge` | {merge} | every weight of the paired decoder layers and the final norm; embeddings and `lm_head` are copied from the MLLM (vocabularies often differ: image tokens) and need `embed,lm_head` |
+| `prior` | {prior} | the paper's D: attention and MLP weights (with biases) of the paired layers |
+
+Why per family:
+
+- **Dense Qwen2 / Llama / Mistral / Gemma3 towers** (Qwen2-VL, Qwen2.5-VL, LLaVA-Next, LLaVA-OneVision,
+  InternVL, Idefics2, Mistral3, Gemma3, and their LLMs): `prior` is q/k/v/o (+ q/k/v biases on Qwen2
+  towers) and gate/up/down, exactly the paper's setup; norms (including Qwen3/Gemma3 `q_norm`/`k_norm` and
+  Gemma3's pre/post feed-forward norms) are left to `merge` and `--modules ...,norm`: they are small, and
+  the paper's prior does not bias them.
+- **Qwen3 MoE** (Qwen3-VL-30B-A3B with Qwen3-30B-A3B): `mlp` covers every expert's gate/up/down, whatever
+  the storage (one tensor per expert on disk for Qwen3-30B-A3B; fused `[E, 2I, H]` in memory, and
+  `[E, H, 2I]` in the published Qwen3-VL-MoE checkpoints): the experts are the MLP, so the paper's D
+  extends to them expert by expert. The router (`mlp.gate`, group `router`) has no counterpart in the
+  paper's dense D and is left out of the prior (it is 0.1% of the parameters); `merge` includes it, so a
+  merged layer's router stays consistent with the experts it routes to. `--modules attn,mlp,router` adds it.
+- **Qwen3.5** (gated delta-net layers beside full attention, per `layer_types`): the linear-attention
+  projections `in_proj_qkv/z/a/b` and `out_proj` play the part of q/k/v/o and are `attn.qkv/z/a/b/out`,
+  so the default prior holds them; the depthwise convolution, `A_log`, `dt_bias` and the gated norm
+  (`linear_attn.*`: small state-update parameters, like norms) are left to `merge`. The MoE variants' shared
+  expert (`shared.*`) and its gate (`shared_expert_gate`, group `router`) are likewise out of the default
+  prior and in `merge`; `--modules attn,mlp,shared` adds the shared expert.
+- **Llama-3.2-Vision (mllama)**: its cross-attention layers (`cross_attention_layers`, 3, 8, ..., 38)
+  have no counterpart in any LLM. They are canonical `cross_layers.{{i}}.*` (kind `cross`, no layer index),
+  never in a prior (`cross` is not even a valid prior module) nor in the default merge; `diff` lists them
+  as MLLM-only. The other 32 layers are renumbered `layers.{{i - cross layers before i}}`, so LLM layer `i`
+  pairs with mllama layer `i + (cross layers before it)` (canonical `layers.3` is mllama's layer 4).
+
+## Every model
+
+"In default prior" counts tensors and parameters that `prior`'s default `--modules attn,mlp` selects (share of
+the text tower's parameters); "left out" lists the rest by kind, with their parameters. "Experts on disk":
+as transformers {version} saves a model it built (for Qwen3-VL-MoE that is the in-memory `[E, 2I, H]`; the
+published checkpoint holds `[E, H, 2I]`, which maps to the same canonical tensors).
+
+| model | family | LLM family (`text_config` model_type) | paired layers | text tensors | text params | in default prior | left out of default prior | experts on disk |
+|---|---|---|---|---|---|---|---|---|"""
+
+
+SYNTHETIC_LAYERS = 6
+SYNTHETIC = dict(  # the qwen3_5_moe config of tests/test_families.py (QWEN35["qwen3_5_moe"])
+    model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"], tie_word_embeddings=False,
+    text_config=dict(hidden_size=64, num_hidden_layers=SYNTHETIC_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, vocab_size=256, linear_conv_kernel_dim=4, linear_key_head_dim=8,
+                     linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, tie_word_embeddings=False,
+                     layer_types=["linear_attention"] * 3 + ["full_attention", "linear_attention", "full_attention"],
+                     num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=128),
+    vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64))
+
+
+def render(rows: list[dict]) -> str:
+    extra = {r["name"]: r for r in rows if r["name"].endswith("(untied)")}
+    synthetic = [r for r in rows if r["name"].startswith("synthetic")]
+    main_rows = [r for r in rows if r not in synthetic and not r["name"].endswith("(untied)")]
+    heads = {k: extra[k]["numel"]["lm_head"] for k in extra}
+    out = [HEAD.format(version=transformers.__version__,
+                       internvl_head=_b(heads["OpenGVLab__InternVL3-8B-hf (untied)"]),
+                       mistral3_head=_b(heads["mistralai__Mistral-Small-3.1-24B-Instruct-2503 (untied)"]),
+                       diff=", ".join(f"`{m}`" for m in DEFAULT_MODULES["diff"]),
+                       merge=", ".join(f"`{m}`" for m in DEFAULT_MODULES["merge"]),
+                       prior=", ".join(f"`{m}`" for m in DEFAULT_MODULES["prior"]))]
+    for r in main_rows:
+        layers = str(r["layers"]) + (f" (+{len(r['cross'])} cross: {', '.join(map(str, r['cross']))})" if r["cross"] else "")
+        prior_numel = r["total"] - r["left_numel"]
+        left = _kinds_text(r["left"])
+        llm = r["llm"] + (f" ({r['text_mt']})" if r["text_mt"] not in (r["llm"], r["family"]) else "")
+        out.append(f"| {r['name']} | {r['family']} | {llm} | {layers} | {r['text_tensors']} | {_b(r['total'])} | "
+                   f"{r['text_tensors'] - sum(r['left'].values())} tensors, {_b(prior_numel)} "
+                   f"({100 * prior_numel / r['total']:.1f}%) | {left} ({_b(r['left_numel'])}) | {r['disk_experts'] or '-'} |")
+    out.append("")
+    out.append("Qwen3.5 has no published config here; on the small synthetic Qwen3.5-MoE MLLM of the tests "
+               f"({SYNTHETIC_LAYERS} layers: {', '.join(SYNTHETIC['text_config']['layer_types'])}), the same columns read:")
+    out.append("")
+    out.append("| model | family | LLM family | paired layers | text tensors | in default prior | left out of default prior |")
+    out.append("|---|---|---|---|---|---|---|")
+    for r in synthetic:
+        out.append(f"| {r['name']} | {r['family']} | {r['llm']} | {r['layers']} | {_kinds_text(r['kinds'])} | "
+                   f"{r['text_tensors'] - sum(r['left'].values())} tensors | {_kinds_text(r['left'])} |")
+    out.append("")
+    out.append("## Text tensors by kind")
+    out.append("")
+    out.append("`la.*` = `linear_attn.*`. `lm_head` is absent where the model ties it (as built from the config as written).")
+    out.append("")
+    out.append("| model | text tensors by kind |")
+    out.append("|---|---|")
+    for r in main_rows:
+        out.append(f"| {r['name']} | {_kinds_text(r['kinds'])} |")
+    out.append("")
+    groups_seen = sorted({k.split('.')[0] for r in main_rows for k in r["kinds"]}, key=GROUPS.index)
+    out.append(f"Groups present across these models: {', '.join(f'`{g}`' for g in groups_seen)}. "
+               f"Families without a real config here: "
+               f"{', '.join(f.name for f in FAMILIES if f.name not in {r['family'] for r in main_rows})}.")
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when docs/families.md differs from what would be written")
+    args = ap.parse_args(argv)
+    rows = []
+    for folder in sorted(p for p in CONFIGS.iterdir() if (p / "config.json").is_file()):
+        raw = json.loads((folder / "config.json").read_text())
+        rows.append(describe(folder.name, raw))
+        if folder.name in ("OpenGVLab__InternVL3-8B-hf", "mistralai__Mistral-Small-3.1-24B-Instruct-2503"):
+            rows.append(describe(folder.name + " (untied)", dict(raw, tie_word_embeddings=False)))
+    rows.append(describe("synthetic Qwen3.5-MoE (4 experts)", SYNTHETIC))
+    text = render(rows)
+    if args.check:
+        stale = not OUT.exists() or OUT.read_text() != text
+        print(f"{OUT}: {'stale' if stale else 'up to date'}")
+        return int(stale)
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(rows)} models)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
