@@ -5,15 +5,22 @@ then the content of the last ``\\boxed{...}`` (nested braces allowed), else what
 final-answer phrase ("The answer is ...", "Answer: ..."), else the whole remaining text. That string is
 then compared by answer type: ``multi_choice`` (a letter maps to the choice, or the choice text itself),
 ``integer`` and ``float`` (the last number in it; floats rounded half-up to the stated precision) and
-``text`` (normalised: case, articles, punctuation, LaTeX ``\\text{}``).
+``text`` (normalised: case, articles, punctuation, LaTeX ``\\text{}``). A number that cannot be compared
+(too many digits for the decimal context: a degenerate output such as a thousand-digit ``\\boxed{}``) gives
+no prediction and is scored wrong, never an error.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, Overflow
 
 ANSWER_TYPES = ("integer", "float", "text", "multi_choice")
+# What decimal arithmetic on a parsed number can raise under the default context (28 digits, traps on
+# InvalidOperation, DivisionByZero and Overflow; division by zero is never attempted): ``quantize`` to more
+# digits than the context holds and ``scaleb`` past its exponent range raise InvalidOperation, ``normalize``
+# or a quotient past Emax raise Overflow.
+_DECIMAL_ERRORS = (InvalidOperation, Overflow)
 
 _PHRASE = re.compile(r"(?:final answer|the answer|correct answer|correct option|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.I)
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -77,7 +84,7 @@ def parse_number(s: str) -> Decimal | None:
         numbers = _NUMBER.findall(s)
         if numbers:
             return Decimal(numbers[-1].replace(",", ""))
-    except InvalidOperation:
+    except _DECIMAL_ERRORS:
         return None
     words = [w for w in re.findall(r"[a-z]+", s.lower()) if w in _WORDS]
     return Decimal(_WORDS[words[-1]]) if words else None
@@ -119,11 +126,14 @@ def score(output: str, answer: str, answer_type: str, choices: list[str] | None 
         value, ref = parse_number(extracted), parse_number(answer)
         if value is None or ref is None:
             return None, False
-        if answer_type == "integer":
-            return str(value.normalize()), value == ref
-        places = Decimal(1).scaleb(-(decimals(answer) if precision is None else precision))
-        rounded = value.quantize(places, rounding=ROUND_HALF_UP)
-        return str(rounded), rounded == ref.quantize(places, rounding=ROUND_HALF_UP)
+        try:
+            if answer_type == "integer":
+                return str(value.normalize()), value == ref
+            places = Decimal(1).scaleb(-(decimals(answer) if precision is None else precision))
+            rounded = value.quantize(places, rounding=ROUND_HALF_UP)
+            return str(rounded), rounded == ref.quantize(places, rounding=ROUND_HALF_UP)
+        except _DECIMAL_ERRORS:  # a number too long to round or print: no usable prediction
+            return None, False
     if answer_type == "text":
         pred = normalize_text(extracted)
         return (pred or None), bool(pred) and pred == normalize_text(answer)

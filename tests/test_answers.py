@@ -87,3 +87,19 @@ def test_score(output, answer, kind, choices, precision, expected):
 def test_unknown_answer_type():
     with pytest.raises(ValueError, match="unknown answer_type 'list'"):
         score("1", "1", "list")
+
+
+@pytest.mark.parametrize("output,answer,kind,precision", [
+    ("\\boxed{" + "9" * 40 + "}", "5.5", "float", 1),  # quantize to 41 digits > the context's 28: InvalidOperation
+    ("\\boxed{" + "7" * 1_000_001 + "}", "3", "integer", None),  # normalize past Emax (999999): Overflow
+    ("\\boxed{\\frac{1}{0." + "0" * 1_000_000 + "1}}", "3", "integer", None),  # the quotient overflows
+    (r"\boxed{1}", "1", "float", 10**7),  # scaleb below Emin: InvalidOperation
+], ids=["40-digit-float", "million-digit-integer", "overflowing-fraction", "huge-precision"])
+def test_number_too_long_to_compare_is_wrong_not_an_error(output, answer, kind, precision):
+    assert score(output, answer, kind, None, precision) == (None, False)
+
+
+def test_long_number_within_the_context_still_compares():
+    # 26 significant digits after rounding: within the 28-digit context, so scored as usual.
+    assert score(r"\boxed{123456789012345678901234.55}", "123456789012345678901234.6", "float") == (
+        "123456789012345678901234.6", True)

@@ -354,6 +354,57 @@ def test_out_dtype_and_weight_sum_warning(pair, tensors, caplog):
     assert json.loads((pair["root"] / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def _plan_warnings(data: dict | MergeConfig) -> list[str]:
+    from deltakit.merge.plan import plan_merge
+
+    plan = plan_merge(MergeConfig.from_dict(data) if isinstance(data, dict) else data)
+    try:
+        return list(plan.warnings)
+    finally:
+        plan.close()
+
+
+def _extrapolation(method: str, weight: str, model: Path, name: str) -> str:
+    return (f"{method} weight {weight} on {model} is outside [0, 1] (e.g. on {name}): "
+            f"the merge extrapolates instead of interpolating")
+
+
+def test_weights_outside_zero_one_warn_once_per_model_and_value(pair, tmp_path, capsys):
+    vl, llm = pair["vl"], pair["llm"]
+    # BR2V alpha 1.2: the MLLM weighted 1.2, the LLM 1 - 1.2 = -0.2; they sum to 1, so no sum warning.
+    assert _plan_warnings(MergeConfig.simple(str(vl), str(llm), alpha=1.2)) == [
+        _extrapolation("linear", "1.2", vl, "layers.0.input_layernorm.weight"),
+        _extrapolation("linear", "-0.2", llm, "layers.0.input_layernorm.weight")]
+    assert _plan_warnings(MergeConfig.simple(str(vl), str(llm), alpha=0.9)) == []
+    assert _plan_warnings(MergeConfig.simple(str(vl), str(llm), alpha=1.0)) == []  # the ends of [0, 1] are fine
+    # layer_swap: layers 0-1 keep the MLLM (weights 1, 0); layers 2-3 get 1.5 and -0.5.
+    assert _plan_warnings(MergeConfig.simple(str(vl), str(llm), method="layer_swap", alpha=1.5, keep_layers=2)) == [
+        _extrapolation("layer_swap", "1.5", vl, "layers.2.input_layernorm.weight"),
+        _extrapolation("layer_swap", "-0.5", llm, "layers.2.input_layernorm.weight")]
+    # A per-layer gradient over 4 layers: layer i weighs 1 + 0.3 i / 3 and -0.3 i / 3, so layers 1-3 give three
+    # distinct values per model, each named once though every layer has many tensors.
+    grad = {"merge_method": "linear", "mllm": str(vl),
+            "models": [{"model": str(vl), "parameters": {"weight": [1.0, 1.3]}},
+                       {"model": str(llm), "parameters": {"weight": [0.0, -0.3]}}]}
+    warnings = _plan_warnings(grad)
+    assert sorted(warnings) == sorted(
+        [_extrapolation("linear", f"{1 + 0.1 * i:g}", vl, f"layers.{i}.input_layernorm.weight") for i in (1, 2, 3)]
+        + [_extrapolation("linear", f"{-0.1 * i:g}", llm, f"layers.{i}.input_layernorm.weight") for i in (1, 2, 3)])
+    # Normalized weights are judged after division: 3 and -1 (sum 2) act as 1.5 and -0.5; 2 and 2 as 0.5 and 0.5.
+    two = lambda a, b: {"merge_method": "linear", "mllm": str(vl), "models": [
+        {"model": str(vl), "parameters": {"weight": a}}, {"model": str(llm), "parameters": {"weight": b}}]}
+    assert [w for w in _plan_warnings(two(3, -1)) if "outside" in w] == [
+        _extrapolation("linear", "1.5 (3 divided by the weights' sum 2)", vl, "layers.0.input_layernorm.weight"),
+        _extrapolation("linear", "-0.5 (-1 divided by the weights' sum 2)", llm, "layers.0.input_layernorm.weight")]
+    assert not [w for w in _plan_warnings(two(2, 2)) if "outside" in w]
+    # The CLI prints it and the report stores it.
+    main(["merge", "--mllm", str(vl), "--llm", str(llm), "--alpha", "1.2", "--json", str(tmp_path / "r.json"),
+          str(tmp_path / "out")])
+    assert "linear weight 1.2 on" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert _extrapolation("linear", "-0.2", llm, "layers.0.input_layernorm.weight") in report["warnings"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:

@@ -163,6 +163,43 @@ def test_normalize_rescales_to_mllm_norm(models, sd, tmp_path):
         torch.testing.assert_close(t.double(), d * (w.norm() / d.norm()), rtol=1e-6, atol=1e-7)
 
 
+def test_normalize_zero_weight_note_is_in_the_header(models, sd, tmp_path, capsys):
+    # An MLLM whose q_proj biases are all zeros and whose k/v biases are not: exactly LAYERS tensors with |W| = 0.
+    import shutil
+
+    vl = tmp_path / "vl-zero-q"
+    shutil.copytree(models["vl"], vl)
+    weights = load_file(vl / "model.safetensors")
+    for i in range(LAYERS):
+        weights[f"model.layers.{i}.self_attn.q_proj.bias"] = torch.zeros_like(weights[f"model.layers.{i}.self_attn.q_proj.bias"])
+        for p in "kv":
+            key = f"model.layers.{i}.self_attn.{p}_proj.bias"
+            weights[key] = torch.full_like(weights[key], 0.01 * (i + 1))
+    save_file(weights, vl / "model.safetensors", metadata={"format": "pt"})
+    note = (f"{LAYERS} tensors have |W_MLLM| = 0 (e.g. layers.0.self_attn.q_proj.bias, zero-initialised biases): "
+            f"--normalize made their D 0")
+    out = tmp_path / "n.safetensors"
+    report = export_prior(vl, models["llm"], out, dtype="float32", normalize=True)
+    assert note in report.notes
+    prior = Prior.open(out)
+    assert prior.metadata["notes"] == report.notes  # every note of the report is in the file's header
+    assert [n for n in prior.metadata["notes"] if "|W_MLLM| = 0" in n] == [note]
+    for i in range(LAYERS):
+        assert not prior.get(f"layers.{i}.self_attn.q_proj.bias").any()
+        assert prior.entries[f"layers.{i}.self_attn.q_proj.bias"]["w_norm"] == 0.0
+    prior.close()
+    capsys.readouterr()
+    main(["prior", "inspect", str(out)])
+    assert f"note: {note}" in " ".join(capsys.readouterr().out.split())
+    # The largest case the header reserves room for: every selected tensor has |W| = 0.
+    only = tmp_path / "q.safetensors"
+    export_prior(vl, models["llm"], only, dtype="float32", normalize=True, include="*.q_proj.bias")
+    assert Prior.open(only).metadata["notes"] == [note]
+    # Without --normalize there is no such note, in the report or the header.
+    plain = export_prior(vl, models["llm"], tmp_path / "p.safetensors", dtype="float32")
+    assert not any("|W_MLLM| = 0" in n for n in plain.notes + Prior.open(tmp_path / "p.safetensors").metadata["notes"])
+
+
 def test_two_model_mode(models, sd, tmp_path):
     out = tmp_path / "t.safetensors"
     report = export_prior(models["vl"], None, out, from_llm=models["llm"], to_llm=models["llm2"], dtype="float32",

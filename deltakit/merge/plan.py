@@ -121,6 +121,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
     if mllm.tied and "lm_head" in config.modules and "embed" not in config.modules:
         plan.notes.append(f"{mllm.path} ties lm_head to embed_tokens; lm_head is merged only with embed")
     sums: dict[float, str] = {}
+    outside: dict[tuple[str, float], tuple[str, float, float | None]] = {}
 
     def locate(path: str, parts: dict[str, Part], key: str) -> tuple[Part | Assembly, int]:
         """Where input ``path`` holds the MLLM tensor ``key`` (made of ``parts``), and how many of its rows it shares."""
@@ -175,10 +176,20 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
             total = sum(job.params["weight"])
             if abs(total - 1) > 1e-6:
                 sums.setdefault(round(total, 6), (info.canonical, job.params["normalize"]))
+            divided = job.params["normalize"] and abs(total) >= 1e-8  # as methods.linear divides
+            for entry, w in zip(nonbase, job.params["weight"]):
+                effective = w / total if divided else w
+                if effective < -1e-9 or effective > 1 + 1e-9:
+                    outside.setdefault((entry.model, round(effective, 6)),
+                                       (info.canonical, w, total if divided and abs(total - 1) > 1e-6 else None))
         job.compute = _bind(config, job.params, info.canonical, len(nonbase))
     for total, (name, normalize) in sums.items():
         how = "divided by their sum (normalize: true)" if normalize else "not normalized: the result is scaled"
         plan.warnings.append(f"{config.merge_method} weights sum to {total:g}, not 1 (e.g. on {name}); {how}")
+    for (model, effective), (name, raw, divisor) in outside.items():
+        how = f" ({raw:g} divided by the weights' sum {divisor:g})" if divisor is not None else ""
+        plan.warnings.append(f"{config.merge_method} weight {effective:g}{how} on {model} is outside [0, 1] (e.g. on {name}): "
+                             f"the merge extrapolates instead of interpolating")
 
 
 def _resolve(config: MergeConfig, names: tuple[str, ...], t: float, info: TensorInfo, mllm_path: str) -> dict[str, Any]:

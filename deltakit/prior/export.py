@@ -361,6 +361,11 @@ def _totals(tensors: list[PriorTensor], stats: list[Stats] | None, normalize: bo
             "rel_error": math.sqrt(sum(s.err_sq for s in stats) / ref_sq) if ref_sq else 0.0}
 
 
+def _zero_w_note(zero: list[str]) -> str:
+    """The ``--normalize`` note on the tensors whose MLLM weight is all zeros (their D is scaled to 0)."""
+    return f"{len(zero)} tensors have |W_MLLM| = 0 (e.g. {zero[0]}, zero-initialised biases): --normalize made their D 0"
+
+
 def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: str | os.PathLike, *,
                  from_llm: str | os.PathLike | None = None, to_llm: str | os.PathLike | None = None,
                  modules: str | tuple[str, ...] | list[str] = DEFAULT_MODULES, layers: str | list | None = None,
@@ -423,26 +428,30 @@ def export_prior(mllm: str | os.PathLike, llm: str | os.PathLike | None, out: st
             "modules": json.dumps(list(selection.modules)), "layers": json.dumps(ranges),
             "skip_first": str(selection.skip_first), "selection": json.dumps(selection.to_dict()), "dtype": dtype,
             "normalize": json.dumps(normalize), "compression": json.dumps(comp.to_dict() if comp else None),
-            "alpha": json.dumps(alphas), "notes": json.dumps(notes),
+            "alpha": json.dumps(alphas),
         }
 
-        def metadata(stats: list[Stats] | None) -> dict[str, str]:
+        def metadata(stats: list[Stats] | None, header_notes: list[str]) -> dict[str, str]:
             entries = {t.name: _entry(t, s, normalize) for t, s in zip(tensors, stats or [None] * len(tensors))}
-            return {**base_meta, "tensors": json.dumps(entries), "totals": json.dumps(_totals(tensors, stats, normalize, torch_dtype))}
+            return {**base_meta, "notes": json.dumps(header_notes), "tensors": json.dumps(entries),
+                    "totals": json.dumps(_totals(tensors, stats, normalize, torch_dtype))}
 
+        # Under --normalize, which tensors have |W_MLLM| = 0 is known only once the data is written (whole-tensor
+        # encodings have no separate norm pass), so the planned header holds that note's longest form (every
+        # tensor, the longest name) as a placeholder, and the final header, with the real note, always fits.
+        reserve = [_zero_w_note([max((t.name for t in tensors), key=len)] * len(tensors))] if normalize else []
         specs = [s for t in tensors for s in t.specs]
         out.parent.mkdir(parents=True, exist_ok=True)
-        with SafetensorsWriter(out, specs, metadata(None)) as writer:
+        with SafetensorsWriter(out, specs, metadata(None, notes + reserve)) as writer:
             stats = _run(tensors, writer, normalize, comp, threads, block_elements, progress, str(comp or dtype))
             bad = [t for t, s in zip(tensors, stats) if not (math.isfinite(s.d_sq) and math.isfinite(s.w_sq))]
             if bad:
                 raise PriorError(f"{bad[0].name}: NaN or Inf in the inputs ({bad[0].plus[1].key} / {bad[0].minus[1].key}); nothing was written")
-            final = metadata(stats)
-            writer.rewrite_metadata(final)
-        if normalize:
-            zero = [t.name for t, s in zip(tensors, stats) if s.w_sq == 0.0]
+            zero = [t.name for t, s in zip(tensors, stats) if s.w_sq == 0.0] if normalize else []
             if zero:
-                notes.append(f"{len(zero)} tensors have |W_MLLM| = 0 (e.g. {zero[0]}, zero-initialised biases): --normalize made their D 0")
+                notes.append(_zero_w_note(zero))
+            final = metadata(stats, notes)
+            writer.rewrite_metadata(final)
     finally:
         for m in opened:
             m.ckpt.close()
