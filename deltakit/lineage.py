@@ -235,7 +235,8 @@ def compare(a: TextArchitecture, b: TextArchitecture) -> Comparison:
     _differs("head_dim", a.head_dim, b.head_dim, blocking)
     _differs("intermediate_size", a.intermediate_size, b.intermediate_size, blocking)
     _differs("moe_intermediate_size", a.moe_intermediate_size, b.moe_intermediate_size, blocking)
-    if (a.num_experts is None) != (b.num_experts is None):
+    described = a.hidden_size is not None and b.hidden_size is not None  # else "no experts" may just be unsaid
+    if described and (a.num_experts is None) != (b.num_experts is None):
         blocking.append(f"experts {a.num_experts or 'none (dense)'} vs {b.num_experts or 'none (dense)'}")
     else:
         _differs("experts", a.num_experts, b.num_experts, blocking)

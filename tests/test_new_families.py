@@ -218,3 +218,27 @@ def test_ties_trims_each_fused_expert_tensor_as_one_tensor(pairs, layout, tmp_pa
         keep[delta.abs().flatten().topk(k).indices] = True
         want = a[n].float() + delta * keep.reshape(delta.shape)
         torch.testing.assert_close(out[n].float(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_expert_counts_must_agree(pairs, tmp_path):
+    """4 experts against 3: the lineage check names it from the configs; without configs the pairing does."""
+    from safetensors.torch import load_file, save_file
+
+    from deltakit.errors import IncompatibleError
+
+    vl, llm = pairs("qwen3_vl_moe")
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    config = json.loads((llm / "config.json").read_text())
+    config["num_experts"] = 3
+    (fewer / "config.json").write_text(json.dumps(config))
+    tensors = {}
+    for f in llm.glob("*.safetensors"):
+        tensors.update({k: v for k, v in load_file(f).items() if ".mlp.experts.3." not in k})
+    tensors = {k: (v[:3] if k.endswith("mlp.gate.weight") else v) for k, v in tensors.items()}
+    save_file(tensors, fewer / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompatibleError, match="cannot share a base model: experts 4 vs 3"):
+        diff(vl, fewer)
+    (fewer / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    with pytest.raises(IncompatibleError, match=r"layer 0 has 4 experts in .* but 3 in .*fewer"):
+        diff(vl, fewer)
