@@ -4,6 +4,11 @@ A :class:`Checkpoint` reads only headers when opened. Tensor data is served as z
 private (copy-on-write) memory maps of the shards, so reading a tensor costs page faults, not a copy,
 and :meth:`Checkpoint.release` hands the pages back to the kernel once a caller is done with them:
 peak memory then stays at a few tensors, whatever the model size.
+
+Reads stay inside the model folder: shard names from an index must be relative paths inside it, and a
+file of the folder that is a symbolic link must resolve inside it or to a Hugging Face cache blob
+(``models--ORG--NAME/blobs/<hash>``; that same repo's when the folder is a cache snapshot, whose files
+the hub links as ``../../blobs/<hash>``). Anything else is refused before it is opened (:func:`confined`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import pickle
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from math import prod
@@ -54,7 +61,10 @@ class _Shard:
     def __init__(self, path: Path):
         self.path = path
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{path}: not a regular file")
+            size = st.st_size
             with open(path, "rb") as f:
                 head = f.read(8)
                 if len(head) == 8:
@@ -144,7 +154,13 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "Checkpoint":
-        """Open a checkpoint, reading headers only. Raises :class:`CheckpointError` with one clear line."""
+        """Open a checkpoint, reading headers only. Raises :class:`CheckpointError` with one clear line.
+
+        A folder is read only inside itself (see :func:`confined`): an index naming a shard outside the
+        folder, or a file of the folder linked outside it (other than to a Hugging Face cache blob), is
+        refused before anything outside is opened. Pickled ``.bin`` weights only with ``allow_pickle``, and
+        then through ``torch.load(weights_only=True)``.
+        """
         path = Path(path)
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder")
@@ -153,14 +169,18 @@ class Checkpoint:
                 raise CheckpointError(f"{path}: not a model folder or a .safetensors file")
             shard = _Shard(path)
             return cls(path, {}, {path.name: shard}, {k: path.name for k in shard.metas})
+        roots = _roots(path)
+        for entry in sorted(path.iterdir()):
+            if entry.is_symlink() and entry.is_file():  # a link to a folder is never read; a broken one cannot be
+                confined(entry, roots)
         config = _read_json(path / "config.json") if (path / "config.json").exists() else {}
         index = path / INDEX_NAME
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no weight_map")
+            weight_map = _weight_map(index)
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (path / f).exists()]
+            for f in files:
+                confined(_member(path, f, index), roots)
+            missing = [f for f in files if not _exists(path / f)]
             if missing:
                 raise CheckpointError(f"{path}: shard {missing[0]} named in {INDEX_NAME} is missing ({len(missing)} of {len(files)} shards)")
             shards = {f: _Shard(path / f) for f in files}
@@ -171,6 +191,8 @@ class Checkpoint:
         singles = sorted(p.name for p in path.glob("*.safetensors"))
         if singles:
             _check_shard_series(path, singles)
+            for f in singles:
+                confined(path / f, roots)
             shards = {f: _Shard(path / f) for f in singles}
             key_to_file = {k: f for f, s in shards.items() for k in s.metas}
             return cls(path, config, shards, key_to_file)
@@ -180,25 +202,22 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{path}: only pickled .bin weights found; refusing to unpickle them (pass --allow-pickle to load with weights_only=True)"
                 )
-            return cls._open_pickled(path, config)
+            return cls._open_pickled(path, config, roots)
         if not config:
             raise CheckpointError(f"{path}: not a model folder (no config.json and no weights)")
         raise CheckpointError(f"{path}: no weights found (no {SINGLE_NAME} or {INDEX_NAME})")
 
     @classmethod
-    def _open_pickled(cls, path: Path, config: dict) -> "Checkpoint":
+    def _open_pickled(cls, path: Path, config: dict, roots: Roots) -> "Checkpoint":
+        """Only with ``--allow-pickle``: each ``.bin`` through ``torch.load(weights_only=True)`` (no arbitrary objects)."""
         index = path / "pytorch_model.bin.index.json"
-        weight_map = _read_json(index).get("weight_map") if index.exists() else {"": "pytorch_model.bin"}
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: no weight_map")
+        weight_map = _weight_map(index) if index.exists() else {"": "pytorch_model.bin"}
         tensors: dict[str, torch.Tensor] = {}
         for f in sorted(set(weight_map.values())):
-            if not (path / f).exists():
+            confined(_member(path, f, index), roots)
+            if not _exists(path / f):
                 raise CheckpointError(f"{path}: shard {f} is missing")
-            try:
-                loaded = torch.load(path / f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{path / f}: cannot load with weights_only=True ({exc.__class__.__name__})") from None
+            loaded = _load_pickle(path / f)
             if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
                 raise CheckpointError(f"{path / f}: not a state dict (expected a mapping of names to tensors)")
             tensors.update(loaded)
@@ -262,10 +281,15 @@ class Checkpoint:
         if self.path.is_file():
             return []
         skip = {INDEX_NAME, *_PICKLE_NAMES}
-        return sorted(
+        roots = _roots(self.path)
+        files = sorted(
             p for p in self.path.iterdir()
             if p.is_file() and p.suffix not in (".safetensors", ".bin", ".pt", ".pth") and p.name not in skip
         )
+        for p in files:  # checked at open too; a link swapped in since is refused before a caller copies it
+            if p.is_symlink():
+                confined(p, roots)
+        return files
 
     def close(self) -> None:
         """Unmap all shards (views handed out stay valid until garbage-collected)."""
@@ -288,6 +312,104 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors, {len(self._shards)} files)"
 
 
+@dataclass(frozen=True)
+class Roots:
+    """Where the files of a model folder may resolve to (see :func:`confined`)."""
+
+    folder: Path
+    repo: Path | None  # the models--ORG--NAME folder when ``folder`` is a snapshot of the Hugging Face cache
+
+
+def _load_pickle(file: Path) -> object:
+    """``torch.load(file, weights_only=True)``: tensors and plain containers only, never arbitrary objects.
+
+    Memory-mapped when the file is in the zip format of torch >= 1.6; the legacy format is read whole.
+    """
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(boiler)]
+        why = lines[0].rstrip(".") if lines else "not a plain tensor pickle"
+        raise CheckpointError(f"{file}: refused by torch.load(weights_only=True) ({why}); "
+                              "deltakit never unpickles arbitrary objects") from None
+    except Exception as exc:  # torch raises many types for a bad pickle
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{file}: cannot load with weights_only=True ({exc.__class__.__name__}"
+                              + (f": {first}" if first else "") + ")") from None
+
+
+def _roots(folder: Path) -> Roots:
+    """The :class:`Roots` of ``folder``: the folder itself with links resolved, and the cache repo it is a
+    snapshot of (``.../models--ORG--NAME/snapshots/REV[/SUB]``), if any."""
+    real = Path(os.path.realpath(folder))
+    for up in real.parents:
+        if up.name == "snapshots" and up.parent.name.startswith("models--"):
+            return Roots(real, up.parent)
+    return Roots(real, None)
+
+
+def _is_blob(real: Path, repo: Path | None) -> bool:
+    """Whether ``real`` is a Hugging Face cache blob (``models--*/blobs/<hash>``), of ``repo`` when given."""
+    if real.parent.name != "blobs" or not real.parent.parent.name.startswith("models--"):
+        return False
+    return repo is None or real.parent.parent == repo
+
+
+def confined(path: Path, roots: Roots) -> Path:
+    """``path`` with links resolved; a :class:`CheckpointError`, before anything is opened, if it leaves the folder.
+
+    The rule for a model folder's files (its shards, index, config and the files ``merge`` and ``finetune``
+    copy): they may be symbolic links only to files inside the folder, or to Hugging Face cache blobs
+    (``models--ORG--NAME/blobs/<hash>``). When the folder is itself a cache snapshot
+    (``models--ORG--NAME/snapshots/REV``, whose files the hub links as ``../../blobs/<hash>``), only to
+    blobs of that same repo. So cached models, and ``--local-dir`` downloads whose large files
+    huggingface_hub < 0.23 linked to cache blobs (``local_dir_use_symlinks="auto"``), keep working, and a link
+    to ``/etc/passwd``, a key or another model's folder is refused.
+    """
+    real = Path(os.path.realpath(path))
+    if real.is_relative_to(roots.folder) or _is_blob(real, roots.repo):
+        return real
+    rule = ("that repo's models--*/blobs" if roots.repo is not None else "a Hugging Face cache's models--*/blobs")
+    raise CheckpointError(f"{path}: links to {real}, outside the model folder; refusing to read it "
+                          f"(deltakit reads a model folder's files only inside it or in {rule})")
+
+
+def _member(folder: Path, name: str, index: Path) -> Path:
+    """``folder / name`` for a file name taken from ``index``: a relative path that stays inside ``folder``."""
+    if not name.strip() or "\0" in name:
+        raise CheckpointError(f"{index}: shard name {name!r} is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{index}: names shard {name!r} outside the model folder; refusing to read it "
+                              "(shard names must be relative paths inside the folder)")
+    return folder / rel
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, with a name the file system cannot take (too long ...) as one :class:`CheckpointError` line."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise CheckpointError(f"{str(path)[:200]}: cannot read ({exc.strerror})") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: a non-empty mapping of tensor names to shard file names."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map")
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: weight_map gives {bad!r} the shard {weight_map[bad]!r}, not a file name")
+    return weight_map
+
+
 _SERIES = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors$")
 
 
@@ -304,13 +426,20 @@ def _check_shard_series(folder: Path, names: list[str]) -> None:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from a small file of a model folder (config, index); one :class:`CheckpointError` line otherwise."""
     try:
-        with open(path) as f:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file")
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: invalid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

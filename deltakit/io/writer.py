@@ -6,6 +6,12 @@ nothing ever has to be held in memory to build a shard. Outputs appear under the
 when complete: files are renamed at :meth:`SafetensorsWriter.close`, folders by
 :func:`atomic_output_dir`, small files by :func:`write_file_atomic`. A failed write (disk full ...) raises
 :class:`~deltakit.errors.OutputError` naming the output and leaves no temporary file or folder behind.
+
+A process killed outright (SIGKILL, power loss, OOM killer) cannot clean up: its temporary
+``.NAME.xxxxxxxx.tmp`` stays beside the output, but the final name never appears. Each writer holds an
+advisory lock (``flock``) on its temporary file or folder while it lives, so the next run that writes the
+same output recognises one without a live owner as stale, removes it and logs a line saying so
+(:func:`remove_stale`); the temporary output of a run still going is left alone.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ import collections
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
+import stat
 import struct
 import sys
 import threading
@@ -32,6 +42,7 @@ from deltakit.errors import OutputError, OutputExistsError
 from deltakit.io.format import build_header, element_size
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,63 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _lock(fd: int) -> bool:
+    """Take the advisory lock that marks a temporary output as owned by a live process; False if another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _lock_path(path: Path) -> int:
+    """Open ``path`` (a file or folder) and lock it; returns the descriptor (close it to release the lock)."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    _lock(fd)
+    return fd
+
+
+def remove_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary versions of output ``path`` that interrupted runs left beside it; returns them.
+
+    A candidate is named like :func:`_tmp_name` makes them (``.NAME.xxxxxxxx.tmp``, or ``.NAME.xxxxxxxx.old`` for
+    an output being replaced under ``--force``). It is stale when nobody holds its lock: a writer keeps it
+    locked while alive, and the kernel drops the lock of a killed process. One still locked belongs to a
+    run in progress and is left alone. Each removal is logged (a warning: an earlier run did not finish).
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.(tmp|old)")
+    try:
+        candidates = sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:  # no parent folder yet, or not readable: nothing to clean
+        return []
+    removed = []
+    for stale in candidates:
+        try:
+            mode = os.lstat(stale).st_mode
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                continue  # a link or a device under our naming scheme was not made by us
+            fd = os.open(stale, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0))
+        except OSError:  # renamed or removed meanwhile
+            continue
+        try:
+            if not _lock(fd):
+                log.info("%s: left alone, another run is writing %s", stale, path)
+                continue
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+        if os.path.lexists(stale):
+            log.warning("%s: could not remove this temporary output of an interrupted run", stale)
+        else:
+            log.warning("removed %s: the unfinished temporary output of an interrupted run", stale)
+            removed.append(stale)
+    return removed
+
+
 class SafetensorsWriter:
     """Write one safetensors file with a fixed layout; the file appears under ``path`` on :meth:`close`.
 
@@ -126,10 +194,12 @@ class SafetensorsWriter:
         self._tmp = _tmp_name(self.path)
         self._written = {s.name: 0 for s in specs}
         self._lock = threading.Lock()
+        remove_stale(self.path)
         try:
             self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             raise _write_error(self.path, exc) from None
+        _lock(self._fd)  # held until the file is renamed into place: marks it as not stale (remove_stale)
         self._behind = WriteBehind(self._fd)
         try:
             os.ftruncate(self._fd, len(header) + sum(s.nbytes for s in specs))
@@ -184,9 +254,9 @@ class SafetensorsWriter:
         try:
             os.fsync(self._fd)
             self._behind.drop_all()
+            os.replace(self._tmp, self.path)  # still locked: never seen as stale on the way
             fd, self._fd = self._fd, -1
             os.close(fd)
-            os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
             raise _write_error(self.path, exc) from None
@@ -314,15 +384,22 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on any error it is removed.
 
     A reader never sees a half-written ``out``: it either does not exist, is the old one, or is complete.
+    Temporary folders of earlier runs that were killed are removed first, with a log line (:func:`remove_stale`).
     A full disk inside the block (a shard, or any other file written there) becomes one
     :class:`OutputError` naming ``out``.
     """
     out = check_output_free(out, overwrite).absolute()
+    remove_stale(out)
     tmp = _tmp_name(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as exc:
+        raise _write_error(out, exc) from None
+    try:
+        lock = _lock_path(tmp)  # held until the end: a live run's folder is never taken for a stale one
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(out, exc) from None
     try:
         yield tmp
@@ -339,6 +416,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -347,13 +426,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     trash = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(out, trash)
+    lock = _lock_path(out)  # the old output, while it waits under its trash name
     try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
+        os.replace(out, trash)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(trash, out)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -372,6 +455,7 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
         return path
     target = Path(os.path.realpath(path))
     tmp = _tmp_name(target)
+    remove_stale(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -379,13 +463,14 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
         raise _write_error(path, exc) from None
     try:
         try:
+            _lock(fd)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            os.replace(tmp, target)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):

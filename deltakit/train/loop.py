@@ -37,7 +37,7 @@ from deltakit.errors import DeltakitError
 from deltakit.io.writer import atomic_output_dir, check_output_free
 from deltakit.progress import ProgressFn, no_progress
 from deltakit.train import dist
-from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, save_checkpoint
 from deltakit.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from deltakit.train.setup import Plan, batches, load_data, load_model, open_prior, read_jsonl, save_dtype, save_final
 
@@ -125,7 +125,12 @@ def _fingerprint(config: TrainConfig, plan: Plan) -> dict[str, Any]:
 
 
 def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
-    """Step to start from: 0, or the newest checkpoint's step under ``resume`` (after checking it fits)."""
+    """Step to start from: 0, or the newest checkpoint's step under ``resume`` (after checking it fits).
+
+    What a killed run was writing is removed first (logged), so only complete checkpoints are resumed.
+    """
+    removed = remove_incomplete(config.run_path / "checkpoints") if env.is_main else []
+    env.barrier()
     ckpts = list_checkpoints(config.run_path / "checkpoints")
     if not config.resume:
         if ckpts and not config.force:
@@ -135,7 +140,9 @@ def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
         env.barrier()
         return 0
     if not ckpts:
-        raise DeltakitError(f"--resume: no checkpoint in {config.run_path / 'checkpoints'}")
+        unfinished = f" (only the unfinished {removed[0].name}, now removed)" if removed else ""
+        raise DeltakitError(f"--resume: no checkpoint in {config.run_path / 'checkpoints'}{unfinished}; "
+                            "run without --resume to start over")
     state = load_checkpoint(ckpts[-1], model, optimizer, env)
     now = _fingerprint(config, plan)
     diff = [k for k in now if state["fingerprint"].get(k) != now[k]]
