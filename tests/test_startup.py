@@ -80,3 +80,27 @@ def test_streaming_commands_do_not_import_transformers(pair, tmp_path, command):
     loaded = modules_after(f"from deltakit.cli import main\nmain({[command, *argv, '--json', str(out)]!r})")
     assert json.loads(out.read_text())
     assert "torch" in loaded and "transformers" not in loaded
+
+
+def test_public_api_is_lazy_and_complete(tmp_path):
+    """``import deltakit`` loads neither torch nor transformers; every name in ``__all__`` is the object of the
+    module that defines it, and ``deltakit.merge``/``deltakit.evaluate`` (modules of those names) call their function."""
+    code = f"""
+import sys, deltakit
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+import deltakit.diagnostics, deltakit.merge.run, deltakit.prior, deltakit.drift, deltakit.train, deltakit.evaluate
+import deltakit.integrations.transformers
+assert deltakit.diff is deltakit.diagnostics.diff and deltakit.export_prior is deltakit.prior.export_prior
+assert deltakit.Prior is deltakit.prior.Prior and deltakit.DriftBias is deltakit.drift.DriftBias
+assert deltakit.finetune is deltakit.train.finetune and deltakit.TrainConfig is deltakit.train.TrainConfig
+assert deltakit.DriftCallback is deltakit.integrations.transformers.DriftCallback
+assert all(callable(getattr(deltakit, n)) for n in deltakit.__all__ if n != '__version__')
+seen = []
+deltakit.merge.run.merge = lambda *a, **k: seen.append(('merge', a, k))
+deltakit.merge.merge = deltakit.merge.run.merge
+deltakit.evaluate.evaluate = lambda *a, **k: seen.append(('evaluate', a, k))
+deltakit.merge('recipe.yaml', 'out', force=True)
+deltakit.evaluate('model', 'bench.jsonl')
+assert seen == [('merge', ('recipe.yaml', 'out'), {{'force': True}}), ('evaluate', ('model', 'bench.jsonl'), {{}})], seen
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,3 +20,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["METHODS", "MergeConfig", "MergeConfigError", "ModelEntry", "MergeReport", "TensorAction", "merge"]
+
+from deltakit._callable import make_callable  # noqa: E402
+
+make_callable(__name__)  # deltakit.merge(config, out) is deltakit.merge.merge(config, out)
