@@ -14,7 +14,7 @@ Versions: LLaMA-Factory 0.9.5 requires transformers >=4.55,<=5.6, trl <=0.24 and
 developed and tested on transformers 5.24, where it cannot be installed, so this recipe is not run by
 the tests. The callback it uses is the one tests/test_integrations.py runs under transformers' Trainer
 and TRL's SFTTrainer (one process, DDP and FSDP2); it relies only on `TrainerCallback.on_train_begin`
-and `on_pre_optimizer_step`, which transformers has had since 4.47.
+and `on_pre_optimizer_step`, which every transformers version LLaMA-Factory 0.9.5 accepts (>= 4.55) has.
 """
 
 import sys
