@@ -58,13 +58,18 @@ def resolve_image(value: Any, base: Path, where: str) -> Path:
     if value.startswith(("http://", "https://")):
         raise DataError(f"{where}: remote image {value!r}: download it and give a local path")
     path = base / value.removeprefix("file://")
-    if not path.is_file():
-        raise DataError(f"{where}: image not found: {path}")
+    shown = str(path) if str(path).isprintable() else repr(str(path))
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system ...
+        raise DataError(f"{where}: image {shown[:100]}{'...' if len(shown) > 100 else ''}: {exc.strerror}") from None
+    if not found:
+        raise DataError(f"{where}: image not found: {shown}")
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - reads the header only
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{where}: cannot read image {path}: {exc}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: cannot read image {shown}: {exc}") from None
     return path
 
 
@@ -145,7 +150,8 @@ def parse_record(record: Any, base: Path, where: str) -> Example:
     for msg in raw:
         if not isinstance(msg, dict):
             raise DataError(f"{where}: each message must be an object")
-        role = _ROLES.get(msg.get("role", msg.get("from")))
+        name = msg.get("role", msg.get("from"))
+        role = _ROLES.get(name) if isinstance(name, str) else None
         if role is None:
             raise DataError(f"{where}: unknown role {msg.get('role', msg.get('from'))!r}; expected one of {', '.join(_ROLES)}")
         parsed.append((role, _parts(msg.get("content", msg.get("value")), where)))
@@ -173,15 +179,24 @@ def iter_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[dict[str, A
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as fh:  # lines split at \n only, each decoded on its own so an error names its line
+        for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             try:
-                yield json.loads(line), where
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+            except ValueError:  # an integer past Python's 4300-digit conversion limit
+                raise DataError(f"{where}: not valid JSON (a number with too many digits)") from None
+            yield record, where
 
 
 def load_examples(path: str | os.PathLike) -> list[Example]:

@@ -3,17 +3,20 @@
 Any checkpoint transformers can load works (a base MLLM, a ``deltakit merge`` or ``deltakit finetune``
 output): the class comes from ``config.json`` ``architectures`` (never remote code), the prompt from the
 model's own processor and chat template, and batches are left-padded so each row's generation starts
-right after its own prompt.
+right after its own prompt. With ``predictions_path`` every prediction is also written to a JSONL file (one
+line each, flushed) as soon as it is scored, so an interrupted run keeps the predictions it made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -69,8 +72,10 @@ class BenchItem:
         if kind == "multi_choice" and str(rec["answer"]) not in [str(c) for c in choices] + letters:
             raise DataError(f"{where}: answer {rec['answer']!r} is neither one of the choices nor an option letter")
         precision = rec.get("precision")
-        if precision is not None and (not isinstance(precision, (int, float)) or precision < 0):
+        if precision is not None and (not isinstance(precision, (int, float)) or not 0 <= precision < float("inf")):
             raise DataError(f"{where}: 'precision' must be a non-negative number of decimal places")
+        if rec.get("query") is not None and not isinstance(rec["query"], str):
+            raise DataError(f"{where}: 'query' must be a string (the whole prompt)")
         meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
         category = rec.get("category") or meta.get("category") or meta.get("task") or "uncategorized"
         image = resolve_image(rec["image"], base, where) if rec.get("image") else None
@@ -178,24 +183,42 @@ def _accuracy(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, float
     return {k: {"examples": len(v), "correct": sum(v), "accuracy": sum(v) / len(v)} for k, v in sorted(groups.items())}
 
 
+def _open_predictions(path: str | os.PathLike | None) -> contextlib.AbstractContextManager[IO[str] | None]:
+    """``path`` opened for writing (replacing what it held), or a context giving None when no path is given."""
+    if path is None:
+        return contextlib.nullcontext()
+    try:
+        return open(path, "w", encoding="utf-8")  # closed by the caller's ``with``
+    except OSError as exc:
+        raise DeltakitError(f"{path}: cannot write predictions ({exc.strerror})") from None
+
+
 def evaluate(model_path: str | os.PathLike, data_path: str | os.PathLike, batch_size: int = 8, max_new_tokens: int = 512,
-             progress: ProgressFn = no_progress, limit: int | None = None, device: str | None = None) -> EvalReport:
-    """Generate greedily for every question of ``data_path`` with the model at ``model_path`` and score the answers."""
+             progress: ProgressFn = no_progress, limit: int | None = None, device: str | None = None,
+             predictions_path: str | os.PathLike | None = None) -> EvalReport:
+    """Generate greedily for every question of ``data_path`` with the model at ``model_path`` and score the answers.
+
+    ``predictions_path``: a JSONL file that gets each prediction (the same record as in
+    :attr:`EvalReport.predictions`) as one line, written and flushed as soon as it is scored."""
     if batch_size < 1 or max_new_tokens < 1:
         raise DeltakitError(f"--batch-size and --max-new-tokens must be at least 1 (got {batch_size}, {max_new_tokens})")
     items = load_bench(data_path, limit)
     started = time.perf_counter()
-    model, processor = load_for_generation(model_path, device)
-    progress(0, total=len(items), description="generating")
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        for item, output in zip(chunk, generate(model, processor, chunk, max_new_tokens)):
-            prediction, correct = score(output, item.answer, item.answer_type, item.choices, item.precision)
-            rows.append({"id": item.id, "category": item.category, "answer_type": item.answer_type,
-                         "question": item.question, "choices": item.choices, "answer": item.answer,
-                         "output": output, "prediction": prediction, "correct": correct})
-        progress(len(chunk), info=f"accuracy {sum(r['correct'] for r in rows) / len(rows):.1%}")
+    with _open_predictions(predictions_path) as sink:
+        model, processor = load_for_generation(model_path, device)
+        progress(0, total=len(items), description="generating")
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            for item, output in zip(chunk, generate(model, processor, chunk, max_new_tokens)):
+                prediction, correct = score(output, item.answer, item.answer_type, item.choices, item.precision)
+                row = {"id": item.id, "category": item.category, "answer_type": item.answer_type,
+                       "question": item.question, "choices": item.choices, "answer": item.answer,
+                       "output": output, "prediction": prediction, "correct": correct}
+                rows.append(row)
+                if sink is not None:
+                    _write_line(sink, row, predictions_path)
+            progress(len(chunk), info=f"accuracy {sum(r['correct'] for r in rows) / len(rows):.1%}")
     correct = sum(r["correct"] for r in rows)
     return EvalReport(model=str(model_path), data=str(data_path), examples=len(rows), correct=correct,
                       accuracy=correct / len(rows), unanswered=sum(r["prediction"] is None for r in rows),
@@ -203,3 +226,16 @@ def evaluate(model_path: str | os.PathLike, data_path: str | os.PathLike, batch_
                       batch_size=batch_size, max_new_tokens=max_new_tokens, device=str(model.device),
                       dtype=str(model.dtype).removeprefix("torch."), seconds=time.perf_counter() - started,
                       predictions=rows)
+
+
+def _write_line(sink: IO[str], row: dict[str, Any], path: str | os.PathLike | None) -> None:
+    try:
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+    except OSError as exc:
+        raise DeltakitError(f"{path}: cannot write predictions ({exc.strerror})") from None
+
+
+from deltakit._callable import make_callable  # noqa: E402
+
+make_callable(__name__)  # deltakit.evaluate(model, data) is deltakit.evaluate.evaluate(model, data)

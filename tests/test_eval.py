@@ -10,6 +10,7 @@ from PIL import Image
 
 from deltakit.cli import main
 from deltakit.data import DataError, write_demo_data
+from deltakit.errors import DeltakitError
 from deltakit.evaluate import build_prompt, evaluate, load_bench
 from deltakit.tiny import SPECIAL, save_tiny
 from deltakit.tiny_processor import save_tiny_processor
@@ -74,6 +75,43 @@ def scripted_generate(processor, calls):
     return generate
 
 
+def reference_outputs(model, processor, items, max_new_tokens: int) -> list[str]:
+    """Greedy decoding written out: one unpadded prompt at a time, argmax of the model's last logits, no cache and
+    no ``generate``; the prompt from the processor's own chat template and the image opened with PIL."""
+    tok = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [tok.eos_token_id if eos is None else eos])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and >10x faster than two on a busy 2-core machine
+    try:
+        return [_greedy(model, processor, tok, eos, item, max_new_tokens) for item in items]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _greedy(model, processor, tok, eos: set[int], item, max_new_tokens: int) -> str:
+    """One item decoded greedily, as :func:`reference_outputs` says."""
+    content, kw = build_prompt(item), {}
+    if item.image is not None:
+        content = [{"type": "image"}, {"type": "text", "text": content}]
+        kw["images"] = [Image.open(item.image).convert("RGB")]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    enc = dict(processor(text=[text], return_tensors="pt", **kw))
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(**enc).logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            length = enc["input_ids"].shape[1]  # grow every per-token input by the new token
+            for k, v in list(enc.items()):
+                if torch.is_tensor(v) and v.shape == (1, length):
+                    fill = token if k == "input_ids" else int(k == "attention_mask")
+                    enc[k] = torch.cat([v, torch.tensor([[fill]], dtype=v.dtype)], 1)
+    return tok.decode(new, skip_special_tokens=True)
+
+
 def test_accuracy_matches_hand_count(tiny, bench, monkeypatch):
     calls = []
     monkeypatch.setattr(QWEN_VL, "generate", scripted_generate(transformers.AutoProcessor.from_pretrained(tiny), calls))
@@ -102,27 +140,41 @@ def test_prompt_format(bench):
     assert items[3].answer_type == "multi_choice"  # inferred from choices
 
 
-def test_real_generation_is_batch_size_invariant(tiny, tmp_path):
+def test_real_generation_matches_greedy_decoding_written_out(tiny, tmp_path):
+    # Left-padded batches of 3 (image and text-only questions mixed) give, for every question, the tokens that
+    # plain greedy decoding of that question alone gives with the model as transformers loads it.
     demo = write_demo_data(tmp_path / "demo", n=1, seed=1, n_bench=5)
     with demo.bench.open("a") as fh:  # a text-only question in the same batches as image ones
         fh.write(json.dumps({"question": "What is 2 + 2?", "answer": "4", "answer_type": "integer", "category": "text"}) + "\n")
-    one = evaluate(tiny, demo.bench, batch_size=1, max_new_tokens=6)
     three = evaluate(tiny, demo.bench, batch_size=3, max_new_tokens=6)
-    assert one.examples == three.examples == 6
-    assert [p["output"] for p in one.predictions] == [p["output"] for p in three.predictions]
-    assert len({p["output"] for p in one.predictions}) > 2  # outputs depend on the prompt, so padding errors would show
+    model = QWEN_VL.from_pretrained(tiny, dtype=torch.float32).eval()
+    want = reference_outputs(model, transformers.AutoProcessor.from_pretrained(tiny), load_bench(demo.bench), 6)
+    assert [p["output"] for p in three.predictions] == want
+    assert len(set(want)) > 2  # outputs depend on the prompt, so padding errors would show
 
 
-def test_cli_writes_every_prediction(tiny, bench, tmp_path, capsys):
+def test_cli_writes_every_prediction(tiny, bench, tmp_path, capsys, monkeypatch):
+    # The scripted model (see test_accuracy_matches_hand_count) through the CLI: the first 5 of SCRIPT are
+    # right, wrong, right, wrong, right by hand.
+    calls = []
+    monkeypatch.setattr(QWEN_VL, "generate", scripted_generate(transformers.AutoProcessor.from_pretrained(tiny), calls))
     out = tmp_path / "eval.json"
-    main(["eval", str(tiny), "--data", str(bench), "--json", str(out), "--batch-size", "2", "--max-new-tokens", "4",
+    main(["eval", str(tiny), "--data", str(bench), "--json", str(out), "--batch-size", "2", "--max-new-tokens", "64",
           "--limit", "5"])
+    assert [c for c, _ in calls] == [2, 2, 1]
     data = json.loads(out.read_text())
-    assert data["examples"] == len(data["predictions"]) == 5
-    assert data["correct"] == sum(p["correct"] for p in data["predictions"])
+    assert (data["examples"], data["correct"], data["unanswered"], data["accuracy"]) == (5, 3, 0, 0.6)
+    assert [(p["id"], p["output"], p["prediction"], p["correct"]) for p in data["predictions"]] == [
+        (f"q{i}", out, pred, ok) for i, ((_, out), pred, ok) in
+        enumerate(zip(SCRIPT[:5], ["3", "4", "square", "circle", "5.5"], [True, False, True, False, True]))]
+    assert {k: (v["examples"], v["correct"]) for k, v in data["categories"].items()} == {
+        "average": (1, 1), "counting": (2, 1), "shape": (2, 1)}
     assert set(data["predictions"][0]) == {"id", "category", "answer_type", "question", "choices", "answer", "output",
                                            "prediction", "correct"}
-    assert "counting" in capsys.readouterr().out
+    rows = [" ".join(line.replace("│", " ").replace("*", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    for row in ("average 1 1 100.0%", "counting 2 1 50.0%", "shape 2 1 50.0%", "all 5 3 60.0%"):
+        assert row in rows, (row, rows)
+    assert any(r.startswith("0 without a usable answer;") for r in rows)
 
 
 def test_cli_errors(tiny, bench, tmp_path, capsys):
@@ -143,9 +195,86 @@ def test_cli_errors(tiny, bench, tmp_path, capsys):
 
 
 def test_evaluates_a_merged_output(tiny, bench, tmp_path):
+    # The merge output loads with its copied processor files and generates what the BR2V model built here does:
+    # the MLLM with its decoder layers and final norm set to 0.9 MLLM + 0.1 LLM (merge's default modules
+    # attn, mlp, norm; embeddings and lm_head kept), decoded greedily by reference_outputs.
     from deltakit.tiny import save_partner_llm
 
-    llm = save_partner_llm(tiny, tmp_path / "llm")
+    llm = save_partner_llm(tiny, tmp_path / "llm", noise=1.0)  # far enough that 0.1 of it changes the greedy tokens
     main(["merge", "--mllm", str(tiny), "--llm", str(llm), "--method", "linear", "--alpha", "0.9", str(tmp_path / "merged")])
     report = evaluate(tmp_path / "merged", bench, batch_size=4, max_new_tokens=3)
-    assert report.examples == len(report.predictions) == len(SCRIPT)
+    processor, items = transformers.AutoProcessor.from_pretrained(tiny), load_bench(bench)
+    model = QWEN_VL.from_pretrained(tiny, dtype=torch.float32).eval()
+    unmerged = reference_outputs(model, processor, items, 3)
+    text = transformers.Qwen2ForCausalLM.from_pretrained(llm, dtype=torch.float32).state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name.replace("model.language_model.", "model.")
+            if name.startswith(("model.language_model.layers.", "model.language_model.norm.")):
+                p.copy_(0.9 * p + 0.1 * text[key])
+    want = reference_outputs(model, processor, items, 3)
+    assert [p["output"] for p in report.predictions] == want
+    assert want != unmerged  # so an output that were the unmerged MLLM would fail
+    assert [p["id"] for p in report.predictions] == [f"q{i}" for i in range(len(SCRIPT))]
+
+
+def test_degenerate_long_number_is_scored_wrong_not_a_crash(tiny, tmp_path, monkeypatch):
+    # Naive merges often emit a runaway number; Decimal.quantize used to raise InvalidOperation and the
+    # whole eval died without writing its JSON.
+    import deltakit.evaluate as ev
+
+    bench = tmp_path / "bench.jsonl"
+    records = [{"id": "long-float", "question": "a?", "answer": "5.5", "answer_type": "float", "precision": 1},
+               {"id": "ok", "question": "b?", "answer": "5.5", "answer_type": "float", "precision": 1},
+               {"id": "long-int", "question": "c?", "answer": "3", "answer_type": "integer"}]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outputs = {"a?": "\\boxed{" + "9" * 40 + "}", "b?": "\\boxed{5.54}", "c?": "\\boxed{" + "7" * 1_000_001 + "}"}
+    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens: [outputs[i.question] for i in items])
+    out = tmp_path / "eval.json"
+    main(["eval", str(tiny), "--data", str(bench), "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert (data["examples"], data["correct"], data["unanswered"]) == (3, 1, 2)
+    assert [(p["id"], p["prediction"], p["correct"]) for p in data["predictions"]] == [
+        ("long-float", None, False), ("ok", "5.5", True), ("long-int", None, False)]
+
+
+def test_interrupted_eval_keeps_the_predictions_it_made(tiny, bench, tmp_path, monkeypatch, capsys):
+    import deltakit.evaluate as ev
+
+    by_question = {rec["question"]: out for rec, out in SCRIPT}
+    batches = []
+
+    def generate(model, processor, items, max_new_tokens):
+        if len(batches) == 2:  # after k = 4 examples (two batches of 2), as if Ctrl-C hit during the third
+            raise KeyboardInterrupt
+        batches.append(len(items))
+        return [by_question[item.question] for item in items]
+
+    monkeypatch.setattr(ev, "generate", generate)
+    preds, out = tmp_path / "preds.jsonl", tmp_path / "eval.json"
+    preds.write_text("stale line from an earlier run\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tiny), "--data", str(bench), "--batch-size", "2", "--predictions", str(preds), "--json", str(out)])
+    assert exc.value.code == 130 and not out.exists()
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(lines) == 4
+    # Hand count of SCRIPT's first four (see test_accuracy_matches_hand_count).
+    assert [(r["id"], r["prediction"], r["correct"]) for r in lines] == [
+        ("q0", "3", True), ("q1", "4", False), ("q2", "square", True), ("q3", "circle", False)]
+    assert set(lines[0]) == {"id", "category", "answer_type", "question", "choices", "answer", "output",
+                             "prediction", "correct"}
+    assert capsys.readouterr().err.splitlines()[-1] == "aborted"
+
+
+def test_predictions_file_of_a_complete_run(tiny, bench, tmp_path, monkeypatch):
+    import deltakit.evaluate as ev
+
+    by_question = {rec["question"]: out for rec, out in SCRIPT}
+    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens: [by_question[i.question] for i in items])
+    preds = tmp_path / "preds.jsonl"
+    report = evaluate(tiny, bench, batch_size=3, predictions_path=preds)
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["correct"] for r in lines] == [True, False, True, False, True, True, False]  # hand count, 4 of 7
+    assert lines == report.predictions
+    with pytest.raises(DeltakitError, match=r"nowhere[/\\]preds\.jsonl: cannot write predictions"):
+        evaluate(tiny, bench, predictions_path=tmp_path / "nowhere" / "preds.jsonl")

@@ -35,7 +35,6 @@ from deltakit.model import open_model
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-FORMAT_PY = "needs the header parser (deltakit/io/format.py) to refuse it"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -222,11 +221,9 @@ def deeply_nested(f: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("breaks", [
-    pytest.param(overlapping_offsets, marks=pytest.mark.xfail(strict=True, reason=FORMAT_PY + " (safetensors does: "
-                                                                "'invalid offset for tensor')")),
+    overlapping_offsets,
     offsets_past_the_end, offsets_reversed, byte_count_overflows, zero_sized_but_huge, negative_dims,
-    pytest.param(duplicate_names, marks=pytest.mark.xfail(strict=True, reason=FORMAT_PY + " (json.loads keeps the "
-                                                            "last of a repeated key; object_pairs_hook can refuse it)")),
+    duplicate_names,
     undefined_dtype, header_length_past_the_file, metadata_not_strings, deeply_nested,
 ], ids=lambda f: f.__name__)
 def test_broken_header_is_one_error_line(copy, base, capsys, breaks):

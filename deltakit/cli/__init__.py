@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     except (DeltakitError, KeyboardInterrupt) as exc:
         if "--debug" in args:
             raise
+        from rich.markup import escape
+
         msg = str(exc) if isinstance(exc, DeltakitError) else "interrupted"
-        err_console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(1 if isinstance(exc, DeltakitError) else 130)
     finally:
         for s, handler in previous.items():

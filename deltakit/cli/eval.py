@@ -18,9 +18,12 @@ from deltakit.cli._common import console, json_option, progress_bar, write_json
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Generation budget per question.")
 @click.option("--limit", type=int, default=None, help="Only the first N questions.")
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write each prediction as one JSON line to this file as soon as it is scored "
+                   "(replaced at the start; an interrupted run keeps what it did).")
 @json_option
 def command(model: Path, data_path: Path, batch_size: int, max_new_tokens: int, limit: int | None, device: str | None,
-            json_path: Path | None) -> None:
+            predictions_path: Path | None, json_path: Path | None) -> None:
     """Greedy-generate an answer to every question with MODEL's own processor and chat template, and score it.
 
     Works on a base MLLM and on `deltakit merge` / `deltakit finetune` outputs alike. --json writes every prediction.
@@ -29,7 +32,7 @@ def command(model: Path, data_path: Path, batch_size: int, max_new_tokens: int, 
 
     with progress_bar() as progress:
         report = evaluate(model, data_path, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                          limit=limit, device=device)
+                          limit=limit, device=device, predictions_path=predictions_path)
     table = Table(title=f"{model} on {data_path.name}")
     for col in ("category", "questions", "correct", "accuracy"):
         table.add_column(col, justify="left" if col == "category" else "right")

@@ -67,6 +67,8 @@ def parse_layers(spec: str | Sequence[Any] | None) -> LayerRanges | None:
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         return None
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    if not parts:
+        raise SelectionError("layers: an empty list selects no layer; leave layers out to take every layer")
     ranges = []
     for part in parts:
         if isinstance(part, (list, tuple)):

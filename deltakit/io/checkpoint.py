@@ -182,7 +182,7 @@ class Checkpoint:
                 confined(_member(path, f, index), roots)
             missing = [f for f in files if not _exists(path / f)]
             if missing:
-                raise CheckpointError(f"{path}: shard {missing[0]} named in {INDEX_NAME} is missing ({len(missing)} of {len(files)} shards)")
+                raise CheckpointError(f"{path}: shard {missing[0]!r} named in {INDEX_NAME} is missing ({len(missing)} of {len(files)} shards)")
             shards = {f: _Shard(path / f) for f in files}
             for key, f in weight_map.items():
                 if key not in shards[f].metas:
@@ -380,9 +380,18 @@ def confined(path: Path, roots: Roots) -> Path:
                           f"(deltakit reads a model folder's files only inside it or in {rule})")
 
 
+def _encodable(name: str) -> bool:
+    """Whether ``name`` can be a path on this system (a lone surrogate such as JSON's ``\\ud800`` cannot)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _member(folder: Path, name: str, index: Path) -> Path:
     """``folder / name`` for a file name taken from ``index``: a relative path that stays inside ``folder``."""
-    if not name.strip() or "\0" in name:
+    if not name.strip() or not name.isprintable() or not _encodable(name):  # NUL, newline, lone surrogates
         raise CheckpointError(f"{index}: shard name {name!r} is not a file name")
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
@@ -440,6 +449,8 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError:  # int() of a number past Python's 4300-digit limit
+        raise CheckpointError(f"{path}: invalid JSON (a number with too many digits)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

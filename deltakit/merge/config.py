@@ -27,6 +27,9 @@ the tensor's canonical or on-disk name wins; an entry without filter matches eve
 
 from __future__ import annotations
 
+import math
+
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +146,10 @@ class MergeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for key, allowed in (("modules", (str, list, tuple)), ("layers", (str, list, tuple, type(None))),
+                             ("include", (str, list, tuple, type(None))), ("exclude", (str, list, tuple, type(None)))):
+            if not isinstance(getattr(self, key), allowed):
+                raise MergeConfigError(f"{key}: expected a comma-separated string or a list, got {_short(getattr(self, key))}")
         try:
             self.selection = Selection.parse(self.modules, self.layers, self.skip_first, self.include, self.exclude)
         except SelectionError as exc:
@@ -157,11 +164,18 @@ class MergeConfig:
         """Read a YAML recipe; any problem is a :class:`MergeConfigError` naming the file."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
         except OSError as exc:
             raise MergeConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise MergeConfigError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
         except yaml.YAMLError as exc:
-            raise MergeConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+            raise MergeConfigError(f"{path}: invalid YAML ({_first_line(exc)})") from None
+        except RecursionError:
+            raise MergeConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+        except ValueError as exc:  # a scalar that resolves to a type but cannot be built: 2001-13-45, 5000 digits
+            why = "an integer of more than 4300 digits" if "integer string conversion" in str(exc) else _first_line(exc)
+            raise MergeConfigError(f"{path}: invalid YAML value ({why})") from None
         try:
             return cls.from_dict(data)
         except MergeConfigError as exc:
@@ -172,7 +186,7 @@ class MergeConfig:
         """Build from a parsed mergekit-shaped mapping (see the module docstring)."""
         if not isinstance(data, dict):
             raise MergeConfigError("a merge config must be a mapping")
-        unknown = sorted(set(data) - set(_TOP_KEYS))
+        unknown = sorted((k for k in data if k not in _TOP_KEYS), key=str)
         if "layer_range" in unknown:
             raise MergeConfigError("layer_range: [start, end] is now layers: \"START:END\" (the grammar of --layers, e.g. \"0:8,20:\")")
         if unknown:
@@ -183,12 +197,15 @@ class MergeConfig:
         if not isinstance(models, list) or not models:
             raise MergeConfigError("models: must be a non-empty list")
         base = data.get("base_model")
+        parameters = data.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise MergeConfigError(f"parameters: must be a mapping of parameter names to values, got {_short(parameters)}")
         return cls(
             merge_method=str(data["merge_method"]),
             models=[_model_entry(m) for m in models],
             base_model=_model_entry(base) if base is not None else None,
             mllm=data.get("mllm"),
-            parameters=dict(data.get("parameters") or {}),
+            parameters=dict(parameters),
             dtype=str(data.get("dtype", "float32")),
             out_dtype=data.get("out_dtype"),
             modules=data.get("modules", DEFAULT_MODULES),
@@ -269,12 +286,12 @@ class MergeConfig:
             for name, setting in m.parameters.items():
                 if name not in spec.model_params:
                     known = ", ".join(spec.model_params)
-                    raise MergeConfigError(f"unknown per-model parameter {name!r} for {spec.name} on {m.model}; known: {known}")
+                    raise MergeConfigError(f"unknown per-model parameter {name!r} for {spec.name} on {m.model!r}; known: {known}")
                 check_setting(name, setting)
         for m in self.non_base:
             for name, default in spec.model_params.items():
                 if default is None and name not in m.parameters and name not in self.parameters:
-                    raise MergeConfigError(f"model {m.model} has no {name!r} (set it under its parameters: or the shared parameters:)")
+                    raise MergeConfigError(f"model {m.model!r} has no {name!r} (set it under its parameters: or the shared parameters:)")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain mapping, in the YAML shape (what :meth:`from_dict` reads)."""
@@ -304,16 +321,36 @@ class MergeConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_MAX_FLOAT = sys.float_info.max
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _short(v: Any) -> str:
+    """A config value for an error message: its repr, cut to one short line."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return "a number of more than 4300 digits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _model_entry(item: Any) -> ModelEntry:
     if isinstance(item, str):
         return ModelEntry(item)
     if isinstance(item, dict) and "model" in item:
-        extra = sorted(set(item) - {"model", "parameters", "family"})
+        extra = sorted((k for k in item if k not in ("model", "parameters", "family")), key=str)
         if extra:
             raise MergeConfigError(f"unknown key {extra[0]!r} in model entry {item['model']!r} (known: model, parameters, family)")
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise MergeConfigError(f"parameters of {item['model']!r} must be a mapping")
+        if item.get("family") is not None and not isinstance(item["family"], str):
+            raise MergeConfigError(f"family of {item['model']!r} must be a family name, got {_short(item['family'])}")
         return ModelEntry(str(item["model"]), dict(params), item.get("family"))
     raise MergeConfigError(f"a model entry must be a path or a mapping with 'model:', got {item!r}")
 
@@ -333,6 +370,8 @@ def _scalars(name: str, setting: Any) -> list[Any]:
                 extra = set(entry) - {"filter", "value"}
                 if "value" not in entry or extra:
                     raise MergeConfigError(f"parameter {name!r}: a filter entry needs 'value' (and optionally 'filter'), got {entry!r}")
+                if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                    raise MergeConfigError(f"parameter {name!r}: a filter must be a name substring, got {entry['filter']!r}")
                 out += _scalars(name, entry["value"])
             return out
     raise MergeConfigError(f"parameter {name!r}: expected a number, a list of numbers, or a list of {{filter, value}}, got {setting!r}")
@@ -346,6 +385,10 @@ def check_setting(name: str, setting: Any) -> None:
                 raise MergeConfigError(f"parameter {name!r} must be true or false, got {v!r}")
         elif isinstance(v, bool):
             raise MergeConfigError(f"parameter {name!r} must be a number, got {v!r}")
+        elif isinstance(v, int) and not -_MAX_FLOAT <= v <= _MAX_FLOAT:
+            raise MergeConfigError(f"parameter {name!r}: {_short(v)} is too large for a float")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise MergeConfigError(f"parameter {name!r} must be a finite number, got {v!r}")
         elif name == "density" and not 0 < v <= 1:
             raise MergeConfigError(f"density must be in (0, 1], got {v!r}")
         elif name == "keep_layers" and (not isinstance(v, int) or v < 0):
