@@ -27,7 +27,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from deltakit.errors import DeltakitError
 from deltakit.train.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -140,11 +139,20 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_LOAD_OPTIONS)
-    rng_file = folder / f"rng-{env.rank}.pt"
-    if not rng_file.exists():
-        raise DeltakitError(f"{folder}: no RNG state for rank {env.rank} (saved with fewer processes?)")
-    rng = torch.load(rng_file, weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return read_state(folder)
+    state = read_state(folder)
+    saved_by = len(list(folder.glob("rng-*.pt")))
+    if saved_by == env.world_size:
+        rng = torch.load(folder / f"rng-{env.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        # N processes' RNG streams cannot continue on M: re-seed each process from the seed, the step and its
+        # rank. The data order and the learning rate are functions of the step, so only randomness inside
+        # the forward pass (dropout, none in most checkpoints) differs from an uninterrupted run.
+        torch.manual_seed(int(state.get("fingerprint", {}).get("seed", 0)) + 1_000_003 * int(state["step"]) + env.rank)
+        if env.is_main:
+            log.warning("resuming a checkpoint of %d processes on %d: RNG streams re-seeded from seed, step and rank "
+                        "(in-model randomness such as dropout differs from an uninterrupted run; the rest does not)",
+                        saved_by, env.world_size)
+    return state
