@@ -27,6 +27,11 @@ the experts were separate weights (as Qwen3-MoE stores them on disk).
 
 :class:`DriftBias` binds a prior to a model's parameters through the family mapping and applies the rule
 to the accumulated gradient, once per optimizer step (see ``docs/finetune.md`` for where that sits).
+
+LoRA: a prior tensor whose weight is frozen and wrapped by an active PEFT LoRA adapter (``W + s B A``)
+biases the adapter's factors instead, each with the rule applied to its own projection of D,
+``D_A = s B^T D`` and ``D_B = s D A^T`` (recomputed from the current factors every step; see
+:mod:`deltakit.lora`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from deltakit.drift_rules import check_rule
 from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.families import Family, Part
+from deltakit.lora import LoraTarget, base_model_of, lora_layers, lora_targets_of, named_view, plain_parameters
 from deltakit.model import map_parameters, part_of
 
 log = logging.getLogger(__name__)
@@ -160,10 +166,13 @@ class DriftBias:
     (in DDP/FSDP runs) already reduced gradient.
     """
 
-    def __init__(self, targets: list[Target], rule: str, alpha: float):
+    def __init__(self, targets: list[Target], rule: str, alpha: float, lora_targets: Sequence[LoraTarget] = ()):
         self.rule = check_rule(rule)
         self.alpha = float(alpha)
         self.targets = targets
+        self.lora_targets = list(lora_targets)
+        self.skipped: list[str] = []  # prior tensors left out by bind(skip_frozen=True)
+        self._lora_alphas = torch.tensor([self.alpha * t.alpha for t in self.lora_targets for _ in t.factors], dtype=torch.float64)
         self._alphas = torch.tensor([self.alpha * a for t in targets for a in t.alphas], dtype=torch.float64)
         self._rows = []  # each target's first row in the per-segment statistics
         groups: dict[tuple, list[int]] = {}
@@ -182,16 +191,24 @@ class DriftBias:
 
     @property
     def num_tensors(self) -> int:
-        """Canonical prior tensors bound (each expert of a fused tensor counts once)."""
-        return sum(c is not None for t in self.targets for c in t.canonicals)
+        """Canonical prior tensors bound (each expert of a fused tensor counts once, a LoRA-wrapped weight once)."""
+        return sum(c is not None for t in self.targets for c in t.canonicals) + len({t.name for t in self.lora_targets})
 
     @property
     def num_params(self) -> int:
-        return sum(t.param.numel() * sum(c is not None for c in t.canonicals) // len(t.canonicals) for t in self.targets)
+        """Parameters the bias acts on (for a LoRA target, its trainable factors)."""
+        return (sum(t.param.numel() * sum(c is not None for c in t.canonicals) // len(t.canonicals) for t in self.targets)
+                + sum(p.numel() for t in self.lora_targets for _, p in t.factors))
+
+    @property
+    def num_skipped(self) -> int:
+        """Prior tensors left out by ``bind(skip_frozen=True)`` (frozen parameters with no LoRA adapter)."""
+        return len(self.skipped)
 
     @classmethod
     def bind(cls, model: torch.nn.Module, prior: PriorSource, rule: str = "adaptive", alpha: float = 1.0,
-             family: str | Family | None = None, prior_device: torch.device | str | None = None) -> "DriftBias":
+             family: str | Family | None = None, prior_device: torch.device | str | None = None,
+             skip_frozen: bool = False) -> "DriftBias":
         """Map every prior tensor to its parameter of ``model`` (in-memory names, via the family table).
 
         Fails with :class:`IncompatibleError` when the prior is empty or names a ``family`` other than the
@@ -202,18 +219,26 @@ class DriftBias:
         parameter when it is an FSDP2 DTensor. MoE experts (one prior tensor per expert) are placed in
         their fused parameter, each expert biased with its own coefficient. ``model`` must be unwrapped
         (not inside DDP).
+
+        ``model`` may be a PEFT model (``PeftModel``) or carry PEFT LoRA layers: names are then mapped as
+        before the wrapping, and a prior tensor whose weight is frozen and wrapped by an active LoRA
+        adapter biases the adapter's factors (:mod:`deltakit.lora`). Prior tensors on frozen parameters with
+        no adapter are an error stating how many, unless ``skip_frozen``: then they are left out (listed in
+        :attr:`skipped`) and the log says how many act and how many are skipped.
         """
         check_rule(rule)
         names = list(prior.names)
         if not names:
             raise IncompatibleError("the prior holds no tensor; export one with deltakit prior (check its --modules/--layers)")
-        fam, _, text = map_parameters(model, family)
+        base = base_model_of(model)
+        layers = lora_layers(base)
+        params = plain_parameters(base, layers) if layers else dict(base.named_parameters())
+        fam, _, text = map_parameters(named_view(base, params) if layers else base, family)
         built_for = getattr(prior, "family", None)
         if built_for is not None and built_for != fam.name:
             raise IncompatibleError(
                 f"the prior was built for a {built_for} model but this model is {fam.name}; a prior only fits the family it was "
                 f"exported against (same key layout is not enough), so export one with deltakit prior --mllm <this model>")
-        params = dict(model.named_parameters())
         missing = [n for n in names if n not in text]
         if missing:
             raise IncompatibleError(
@@ -230,11 +255,29 @@ class DriftBias:
         for c, part in text.items():
             if part.key in by_param and part.expert is not None:
                 segments.setdefault(part.key, []).append((c, part))
-        targets = []
+        trained, lora, frozen = [], [], []
         for pname, covered in by_param.items():
+            if params[pname].requires_grad:
+                trained.append((pname, covered))
+                continue
+            module = pname.removesuffix(".weight")
+            found = (lora_targets_of(covered[0], module, layers[module], tuple(prior.shape(covered[0])), float(prior.alpha(covered[0])))
+                     if module in layers and pname.endswith(".weight") and pname not in segments else [])
+            lora.extend(found)
+            if not found:
+                frozen.append((pname, covered))
+        skipped = [c for _, covered in frozen for c in covered]
+        if skipped and not skip_frozen:
+            what = "prior tensor targets a frozen parameter" if len(skipped) == 1 else "prior tensors target frozen parameters"
+            raise IncompatibleError(
+                f"{len(skipped)} {what} with no LoRA adapter "
+                f"(e.g. {skipped[0]!r} on frozen parameter {frozen[0][0]!r}); unfreeze them, adapt them with LoRA, drop them from "
+                f"the prior, or pass skip_frozen=True (deltakit finetune --skip-frozen) to leave them out")
+        if not trained and not lora:
+            raise IncompatibleError(f"all {len(skipped)} prior tensors target frozen parameters with no LoRA adapter: nothing to bias")
+        targets = []
+        for pname, covered in trained:
             p = params[pname]
-            if not p.requires_grad:
-                raise IncompatibleError(f"prior tensor {covered[0]!r} targets frozen parameter {pname!r}; unfreeze it or drop it from the prior")
             device = torch.device(prior_device) if prior_device is not None else _local(p).device
             load_device = p.device_mesh.device_type if isinstance(p, DTensor) else device
             if pname not in segments:
@@ -249,9 +292,22 @@ class DriftBias:
             else:
                 d = full.clone() if full.device.type == "cpu" and pname not in segments else full
             targets.append(Target(pname, p, d, canonicals, alphas, first, local))
-        bias = cls(targets, rule, alpha)
+        loaded: dict[str, torch.Tensor] = {}
+        for t in lora:
+            if t.name not in loaded:
+                full = prior.get(t.name, device=torch.device(prior_device) if prior_device is not None else t.a.device)
+                loaded[t.name] = full.clone() if full.device.type == "cpu" else full
+            t.prior = loaded[t.name]
+        bias = cls(targets, rule, alpha, lora)
+        bias.skipped = skipped
         log.info("DRIFT prior: %d tensors, %s parameters carry a prior (rule %s, alpha %g, %s)", bias.num_tensors,
                  f"{bias.num_params:,}", rule, alpha, "prior on cpu" if prior_device == "cpu" else "prior on the training device")
+        if lora:
+            log.info("DRIFT prior: %d of them on frozen weights wrapped by LoRA, biasing %d adapter factors through the "
+                     "projected directions s B^T D and s D A^T", len(loaded), sum(len(t.factors) for t in lora))
+        if skipped:
+            log.info("DRIFT prior: %d prior tensors act, %d skipped (frozen parameters with no LoRA adapter, e.g. %s)",
+                     bias.num_tensors, len(skipped), skipped[0])
         return bias
 
     def _sum_over_shards(self, rows: torch.Tensor) -> torch.Tensor:
@@ -280,8 +336,11 @@ class DriftBias:
             if t.local:
                 r[t.first:t.first + t.local] = tensor_stats(g, t.prior, dd, segments=t.local).reshape(-1, 3)
             rows.append(r)
+        full_rows = sum(len(t.canonicals) for t in self.targets)
+        lora_dirs = self._lora_stats(rows)
         stats = self._sum_over_shards(torch.cat(rows))
-        c = coefficients(stats, self._alphas.to(stats.device), self.rule)
+        alphas = torch.cat([self._alphas, self._lora_alphas]) if self.lora_targets else self._alphas
+        c = coefficients(stats, alphas.to(stats.device), self.rule)
         for g, t, row in zip(grads, self.targets, self._rows):
             d = t.prior if t.prior.device == g.device else t.prior.to(g.device, non_blocking=True)
             if len(t.canonicals) == 1:
@@ -291,7 +350,73 @@ class DriftBias:
             elif t.local:
                 local = c[row + t.first:row + t.first + t.local].to(g.dtype)
                 g.view(t.local, -1).addcmul_(d.view(t.local, -1), -local[:, None])
+        self._lora_update(c[full_rows:], lora_dirs)
         covered = self._covered.to(stats.device)
+        if self.lora_targets:  # a projected direction is 0 where B (or A) is, e.g. D_A at the first step
+            covered = torch.cat([covered.bool(), stats[full_rows:, 1] > 0])
+        g_norm, d_norm = stats[:, 0].clamp_min(0).sqrt(), stats[:, 1].clamp_min(0).sqrt()
+        cos = (stats[:, 2] / (g_norm.clamp_min(EPS) * d_norm.clamp_min(EPS)))[covered]
+        ratio = (c.square() * stats[:, 1]).sum().sqrt() / stats[:, 0].sum().sqrt().clamp_min(EPS)
+        return DriftStep(cos=float(cos.mean()) if cos.numel() else 0.0, bias_ratio=float(ratio))
+
+    def _lora_stats(self, rows: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Append one statistics row per LoRA factor to ``rows``; returns each target's projected directions."""
+        out = []
+        for t in self.lora_targets:
+            dirs = t.directions(t.prior)
+            for (which, p), d in zip(t.factors, dirs):
+                if p.grad is None:
+                    raise DeltakitError(f"LoRA factor {which} of {t.module!r} (adapter {t.adapter!r}) carries a prior but got no gradient")
+                rows.append(tensor_stats(p.grad, d).reshape(1, 3))
+            out.append(dirs)
+        return out
+
+    def _lora_update(self, c: torch.Tensor, dirs: list[list[torch.Tensor]]) -> None:
+        """``g -= c D_factor`` on every LoRA factor, with its row of coefficients ``c``."""
+        row = 0
+        for t, target_dirs in zip(self.lora_targets, dirs):
+            for (_, p), d in zip(t.factors, target_dirs):
+                ci = float(c[row])
+                row += 1
+                if ci != 0.0:
+                    p.grad.add_(d.to(p.grad.dtype), alpha=-ci)
+
+    def micro_batch_hooks(self) -> list:
+        """Bias every micro-batch's local gradient in backward, as the public DRIFT code does (``bias_at: micro_batch``).
+
+        One tensor hook per target parameter: the rule is applied to the gradient of one backward pass,
+        before it is added to ``.grad`` and before DDP reduces it, so a step's gradient is
+        ``mean over ranks of sum over micro-batches of bias(g_k)``. Whole parameters only: under FSDP2 a
+        micro-batch's local gradient exists only unsharded inside FSDP's backward, where the rule would need
+        the whole D on every process, so it is refused. Returns the handles; :meth:`micro_batch_step`
+        summarises what the hooks did since its last call.
+        """
+        if any(isinstance(t.param, DTensor) for t in self.targets):
+            raise DeltakitError("bias_at micro_batch is not supported under FSDP2 (a micro-batch's local gradient exists only unsharded inside "
+                                "FSDP's backward, and biasing it there needs the whole D on every process): use strategy ddp or bias_at step")
+        if self.lora_targets:
+            raise DeltakitError("bias_at micro_batch biases whole parameters only, not LoRA factors; use bias_at step")
+        self._calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def hook(g: torch.Tensor, i: int) -> torch.Tensor | None:
+            t, row, n = self.targets[i], self._rows[i], len(self.targets[i].canonicals)
+            d = t.prior if t.prior.device == g.device else t.prior.to(g.device, non_blocking=True)
+            stats = tensor_stats(g, d, self._d_sq[i], segments=n).reshape(n, 3)
+            c = coefficients(stats, self._alphas[row:row + n].to(stats.device), self.rule)
+            self._calls.append((stats, c, self._covered[row:row + n]))
+            if n == 1:
+                return None if float(c[0]) == 0.0 else g.add(d, alpha=-float(c[0]))
+            return g.view(n, -1).addcmul(d.view(n, -1), -c.to(g.dtype)[:, None]).view_as(g)
+
+        return [t.param.register_hook(lambda g, i=i: hook(g, i)) for i, t in enumerate(self.targets)]
+
+    def micro_batch_step(self) -> DriftStep:
+        """What the :meth:`micro_batch_hooks` did since the last call, pooled over micro-batches (mean cosine, ratio)."""
+        calls, self._calls = getattr(self, "_calls", []), []
+        if not calls:
+            return DriftStep(cos=0.0, bias_ratio=0.0)
+        stats, c = torch.cat([s for s, _, _ in calls]), torch.cat([c for _, c, _ in calls])
+        covered = torch.cat([m for _, _, m in calls]).to(stats.device)
         g_norm, d_norm = stats[:, 0].clamp_min(0).sqrt(), stats[:, 1].clamp_min(0).sqrt()
         cos = (stats[:, 2] / (g_norm.clamp_min(EPS) * d_norm.clamp_min(EPS)))[covered]
         ratio = (c.square() * stats[:, 1]).sum().sqrt() / stats[:, 0].sum().sqrt().clamp_min(EPS)

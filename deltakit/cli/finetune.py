@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deltakit.cli._common import console, json_option, progress_bar, write_json
 from deltakit.drift_rules import RULES
-from deltakit.train.config import FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
+from deltakit.train.config import BIAS_AT, BIAS_ORDERS, FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
 
 
 def _opt(*names: str, **kw):
@@ -22,10 +22,16 @@ def _opt(*names: str, **kw):
       help="YAML file with any of the options below (keys are the option names with underscores); flags override it.")
 @_opt("--model", help="The MLLM folder (Hugging Face format) to fine-tune.")
 @_opt("--data", help="Training JSONL (sharegpt `messages` + `images`, or typed content); images relative to it.")
-@_opt("--out", help="Output folder: the fine-tuned model in its own format, with processor files and the log.")
+@_opt("--out", help="Output folder: the fine-tuned model in its own format, with processor files and the log (LoRA: the PEFT adapter).")
 @_opt("--prior", help="DRIFT prior from `deltakit prior`; without it the run is plain SFT.")
 @_opt("--rule", type=click.Choice(RULES), help="DRIFT rule [adaptive].")
 @_opt("--alpha", type=float, help="DRIFT strength a (0 = plain SFT, bit for bit) [1.0].")
+@_opt("--bias-order", type=click.Choice(BIAS_ORDERS),
+      help="Apply the DRIFT bias after clipping or before it (clipping then acts on g - cD); auto = before_clip for absolute, "
+           "after_clip for gradnorm/adaptive [auto].")
+@_opt("--bias-at", type=click.Choice(BIAS_AT),
+      help="step: bias the reduced gradient once per step; micro_batch: bias each micro-batch's local gradient in backward, "
+           "the public DRIFT code's placement, for reproducing its numbers (not with FSDP) [step].")
 @_opt("--prior-device", type=click.Choice(["auto", "cpu"]), help="Keep D on the training device (auto) or in CPU memory [auto].")
 @_opt("--epochs", type=int, help="Epochs [3].")
 @_opt("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
@@ -36,7 +42,7 @@ def _opt(*names: str, **kw):
 @_opt("--weight-decay", type=float, help="AdamW weight decay [0].")
 @_opt("--adam-betas", help="AdamW betas as 'b1,b2' [0.9,0.999].")
 @_opt("--adam-eps", type=float, help="AdamW epsilon [1e-8].")
-@_opt("--max-grad-norm", type=float, help="Clip the data gradient to this norm, 0 to disable [1.0].")
+@_opt("--max-grad-norm", type=float, help="Clip the gradient to this norm (the data gradient, or g - cD with --bias-order before_clip), 0 to disable [1.0].")
 @_opt("--max-length", type=int, help="Truncate examples to this many tokens.")
 @_opt("--precision", type=click.Choice(PRECISIONS), help="auto = bf16 on a GPU that has it, else fp32 [auto].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in backward [off].")
@@ -46,6 +52,13 @@ def _opt(*names: str, **kw):
 @_opt("--save-every", type=int, help="Save a resumable checkpoint every N steps, 0 = never [0].")
 @_opt("--keep-checkpoints", type=int, help="Keep the newest N checkpoints [2].")
 @_opt("--save-dtype", type=click.Choice(SAVE_DTYPES), help="dtype of the saved weights; auto = the base model's [auto].")
+@_opt("--lora-rank", type=int, help="Train PEFT LoRA adapters of this rank instead of the full weights; 0 = full fine-tuning [0].")
+@_opt("--lora-alpha", type=float, help="LoRA alpha: the update is (lora_alpha / rank) B A, as in PEFT [2 x rank].")
+@_opt("--lora-targets", help="Module kinds to adapt, the grammar of `deltakit prior --modules` (attn, mlp, attn.q, mlp.down, ...); "
+      "text tower linear layers only [attn,mlp: q/k/v/o/gate/up/down].")
+@click.option("--merge-lora", is_flag=True, default=None, help="Also save the merged model (W + s B A) in the MLLM's format in OUT/merged.")
+@click.option("--skip-frozen", is_flag=True, default=None,
+              help="Leave out prior tensors on frozen parameters with no LoRA adapter (e.g. q/k/v biases under LoRA) instead of failing.")
 @_opt("--family", help="Override the detected model family.")
 @_opt("--run-dir", help="Folder for checkpoints and the live log [OUT.run].")
 @_opt("--log-every", type=int, help="Write every N-th step to the JSONL log [1].")
@@ -54,6 +67,9 @@ def _opt(*names: str, **kw):
 @json_option
 def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
     """Fine-tune an MLLM (full SFT, vision tower frozen); with --prior, bias each step toward the reasoning model (DRIFT).
+
+    With --lora-rank R, train PEFT LoRA adapters on the text tower instead; DRIFT then biases each adapter's
+    factors with the prior projected on them (s B^T D, s D A^T).
 
     Multi-GPU: torchrun --nproc-per-node N -m deltakit finetune ... [--strategy fsdp].
     """
@@ -68,8 +84,13 @@ def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
     table.add_row("output", str(result.out))
     table.add_row("steps", f"{result.steps} (global batch {result.global_batch}" + (f", resumed at {result.resumed_from})" if result.resumed_from else ")"))
     table.add_row("final loss", f"{result.final_loss:.4f}")
-    table.add_row("DRIFT", f"{config.rule}, alpha {config.alpha:g}: {result.drift_tensors} tensors, {result.drift_params:,} parameters"
+    skipped = f" ({result.drift_skipped} skipped: frozen, no adapter)" if result.drift_skipped else ""
+    table.add_row("DRIFT", f"{config.rule}, alpha {config.alpha:g}: {result.drift_tensors} tensors, "
+                           f"{result.drift_params:,} parameters{skipped}"
                   if config.prior else "off (plain SFT)")
+    if config.lora_rank:
+        table.add_row("LoRA", f"rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g} on {result.lora_modules} modules: adapter in "
+                      f"{result.out}" + (f", merged model in {result.out / 'merged'}" if config.merge_lora else ""))
     table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
     write_json(json_path, result)

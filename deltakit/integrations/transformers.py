@@ -42,16 +42,19 @@ class DriftCallback(TrainerCallback):
     ``prior`` is a prior file written by ``deltakit prior`` (a path) or an opened prior (anything with the
     :class:`deltakit.drift.PriorSource` protocol, e.g. :class:`deltakit.prior.Prior`). ``rule`` and
     ``alpha`` as in ``deltakit finetune``; ``family`` overrides detection; ``prior_device="cpu"`` keeps D
-    on the CPU (slower, for tight GPU memory). After training, :attr:`bias` is the bound
+    on the CPU (slower, for tight GPU memory). A PEFT LoRA model works too: prior tensors on LoRA-wrapped frozen
+    weights bias the adapter factors; ``skip_frozen=True`` leaves out those on frozen weights with no adapter
+    (else an error). After training, :attr:`bias` is the bound
     :class:`~deltakit.drift.DriftBias` and :attr:`history` the per-step statistics.
     """
 
     def __init__(self, prior: str | os.PathLike | PriorSource, rule: str = "adaptive", alpha: float = 1.0,
-                 family: str | None = None, prior_device: str | None = None):
+                 family: str | None = None, prior_device: str | None = None, skip_frozen: bool = False):
         self.rule = check_rule(rule)
         self.alpha = float(alpha)
         self.family = family
         self.prior_device = prior_device
+        self.skip_frozen = skip_frozen
         self._prior = prior
         self.bias: DriftBias | None = None
         self.history: list[dict[str, float]] = []
@@ -71,7 +74,8 @@ class DriftCallback(TrainerCallback):
             raise DeltakitError("DriftCallback does not support DeepSpeed (its gradients live in DeepSpeed's partitions, "
                                 "outside param.grad); use FSDP2 (fsdp='full_shard' with fsdp_config={'fsdp_version': 2}), "
                                 "which shards D with the weights")
-        self.bias = DriftBias.bind(_unwrap(model), self._open_prior(), self.rule, self.alpha, self.family, self.prior_device)
+        self.bias = DriftBias.bind(_unwrap(model), self._open_prior(), self.rule, self.alpha, self.family, self.prior_device,
+                                   skip_frozen=self.skip_frozen)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = self.bias.apply()

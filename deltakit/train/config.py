@@ -22,9 +22,15 @@ PRECISIONS = ("auto", "bf16", "fp32")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 FREEZABLE = ("vision", "projector", "text", "other")
+BIAS_ORDERS = ("auto", "after_clip", "before_clip")
+BIAS_AT = ("step", "micro_batch")
 # Fields that may change between a run and its --resume; every other field must match the checkpoint.
 RESUMABLE_CHANGES = frozenset({"resume", "force", "save_every", "keep_checkpoints", "log_every", "prior_device",
-                               "gradient_checkpointing", "strategy", "batch_size", "grad_accum", "out", "run_dir"})
+                               "gradient_checkpointing", "strategy", "batch_size", "grad_accum", "out", "run_dir",
+                               "merge_lora", "skip_frozen"})
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+"""Left out of a resume fingerprint when ``lora_rank`` is 0, so checkpoints older than LoRA support still resume."""
+DEFAULT_FREEZE = ("vision", "projector")
 
 
 @dataclass
@@ -42,6 +48,8 @@ class TrainConfig:
     rule: str = "adaptive"
     alpha: float = 1.0
     prior_device: str = "auto"
+    bias_order: str = "auto"
+    bias_at: str = "step"
     epochs: int = 3
     max_steps: int | None = None
     lr: float = 1e-6
@@ -55,12 +63,17 @@ class TrainConfig:
     max_length: int | None = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    freeze: tuple[str, ...] = ("vision", "projector")
+    freeze: tuple[str, ...] = DEFAULT_FREEZE
     strategy: str = "auto"
     seed: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
     save_dtype: str = "auto"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
+    merge_lora: bool = False
+    skip_frozen: bool = False
     family: str | None = None
     run_dir: str | None = None
     log_every: int = 1
@@ -78,7 +91,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(cls.field_names())}")
         values = dict(data)
-        for key in ("adam_betas", "freeze"):
+        for key in ("adam_betas", "freeze", "lora_targets"):
             if isinstance(values.get(key), str):
                 values[key] = tuple(v.strip() for v in values[key].split(",") if v.strip())
             elif values.get(key) is not None:
@@ -117,6 +130,10 @@ class TrainConfig:
         need(self.rule in RULES, f"rule must be one of {', '.join(RULES)}, not {self.rule!r}")
         need(self.alpha >= 0, f"alpha must be >= 0, not {self.alpha}")
         need(self.prior_device in ("auto", "cpu"), f"prior_device must be 'auto' or 'cpu', not {self.prior_device!r}")
+        need(self.bias_order in BIAS_ORDERS, f"bias_order must be one of {', '.join(BIAS_ORDERS)}, not {self.bias_order!r}")
+        need(self.bias_at in BIAS_AT, f"bias_at must be one of {', '.join(BIAS_AT)}, not {self.bias_at!r}")
+        need(self.bias_at == "step" or self.bias_order != "after_clip",
+             "bias_at micro_batch biases each micro-batch's gradient in backward, before clipping; bias_order after_clip contradicts it")
         need(self.epochs >= 1, f"epochs must be >= 1, not {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, not {self.max_steps}")
         need(self.lr > 0, f"lr must be > 0, not {self.lr}")
@@ -130,7 +147,51 @@ class TrainConfig:
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         need(self.save_every >= 0 and self.keep_checkpoints >= 1 and self.log_every >= 1, "save_every >= 0, keep_checkpoints >= 1, log_every >= 1")
         need(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
+        self._validate_lora(need)
         return self
+
+    def _validate_lora(self, need) -> None:
+        """The LoRA fields: consistent with each other and with what LoRA training supports."""
+        from deltakit.engine.selection import SelectionError, parse_modules
+
+        need(isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+             f"lora_rank must be an integer >= 0 (0 = full fine-tuning), not {self.lora_rank!r}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0, not {self.lora_alpha}")
+        lora = self.lora_rank > 0
+        for key in ("lora_alpha", "lora_targets", "merge_lora"):
+            need(lora or not getattr(self, key), f"{key} needs lora_rank > 0 (--lora-rank R)")
+        if self.lora_targets:
+            try:
+                parse_modules(self.lora_targets)
+            except SelectionError as exc:
+                need(False, f"lora_targets: {exc}")
+        if lora:
+            need(set(self.freeze) == set(DEFAULT_FREEZE), "freeze applies to full fine-tuning; with lora_rank > 0 every base weight is "
+                                                          f"frozen and only the adapters train (leave freeze at {','.join(DEFAULT_FREEZE)})")
+            need(self.strategy != "fsdp", "LoRA under FSDP2 is not supported yet; use strategy ddp (or auto) for LoRA runs")
+            need(getattr(self, "bias_at", "step") == "step", "bias_at micro_batch is not supported with LoRA (its hooks bias whole "
+                                                             "parameters only); use bias_at step")
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """``lora_alpha``, or ``2 * lora_rank`` when unset (LoRA scaling ``s = lora_alpha / lora_rank`` = 2, as PEFT defines it)."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def resolved_bias_order(self) -> str:
+        """``bias_order`` with ``auto`` resolved: ``before_clip`` for the absolute rule, ``after_clip`` otherwise.
+
+        Why (docs/finetune.md, "Where the bias sits"): with clip factor ``s``, absolute after clipping gives
+        ``s g - a D`` (the data-to-prior ratio shrinks by ``s``), before clipping ``s' (g - a D)`` (ratio kept);
+        gradnorm and adaptive are homogeneous in ``g`` (``c(s g) = s c(g)``), so both orders give a multiple
+        of ``g - c D`` and keep the ratio; after clipping then keeps plain SFT's clip factor. micro_batch
+        placement is always before clipping.
+        """
+        if self.bias_at == "micro_batch":
+            return "before_clip"
+        if self.bias_order != "auto":
+            return self.bias_order
+        return "before_clip" if self.rule == "absolute" else "after_clip"
 
     @property
     def run_path(self) -> Path:

@@ -7,14 +7,18 @@ One optimizer step (:func:`train_step`):
    processes) and multiplied by the world size (DDP and FSDP average gradients), so the step's gradient
    is the same whatever the split into micro-batches and processes;
 2. gradients are reduced across processes only in the last micro-batch's backward;
-3. clip the data gradient to ``max_grad_norm``;
-4. DRIFT: ``g -= c * D`` on the accumulated, reduced, clipped gradient (once per step);
+3. clip the gradient to ``max_grad_norm``;
+4. DRIFT: ``g -= c * D`` on the accumulated, reduced gradient, once per step: after clipping
+   (``bias_order: after_clip``) or before it (``before_clip``, clipping then acts on ``g - c D``);
+   ``auto`` is before_clip for the absolute rule, after_clip for gradnorm and adaptive;
 5. AdamW step at ``lr * plan.lr_factor(step)``.
 
-The bias comes after clipping: clipping guards against data-gradient spikes, and the prior term is
-bounded by construction (``|c D| <= a |g|`` for gradnorm and adaptive, fixed for absolute). Clipping
-the biased gradient instead would let ``|D|`` (hundreds for Qwen-VL) set the clip factor and shrink
-the data gradient with it. The logged grad norm is therefore the plain-SFT quantity.
+Why those defaults (derivation in docs/finetune.md): with clip factor ``s``, absolute after clipping gives
+``s g - a D`` and shrinks the data-to-prior ratio by ``s``, before clipping ``s' (g - a D)`` keeps it;
+gradnorm and adaptive are homogeneous in ``g``, so both orders keep it and after clipping keeps plain
+SFT's clip factor. ``bias_at: micro_batch`` instead biases each micro-batch's local gradient in
+backward (the public code's placement, for reproducing it). The logged grad norm is the norm clipping
+acts on: the data gradient's with after_clip, the biased gradient's otherwise.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from deltakit.errors import DeltakitError
 from deltakit.io.writer import atomic_output_dir, check_output_free
 from deltakit.progress import ProgressFn, no_progress
 from deltakit.train import dist
-from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, remove_incomplete, save_checkpoint
-from deltakit.train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
-from deltakit.train.setup import Plan, batches, load_data, load_model, open_prior, read_jsonl, save_dtype, save_final
+from deltakit.train.checkpoint import list_checkpoints, load_checkpoint, read_state, remove_incomplete, save_checkpoint
+from deltakit.train.config import LORA_FIELDS, RESUMABLE_CHANGES, ConfigError, TrainConfig
+from deltakit.train.setup import Plan, add_lora, batches, load_data, load_model, open_prior, read_jsonl, save_dtype, save_final, save_lora
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -58,6 +62,8 @@ class TrainResult:
     drift_params: int
     resumed_from: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    drift_skipped: int = 0
+    lora_modules: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,8 +97,14 @@ def train_step(model: torch.nn.Module, micro: list[dict], params: list[torch.nn.
         loss.backward()
         loss_sum += loss.detach()
     grads = [p.grad for p in params if p.grad is not None]
+    drift: DriftStep | None = None
+    if bias is not None and config.bias_at == "micro_batch":
+        drift = bias.micro_batch_step()  # the hooks biased each micro-batch's gradient in backward
+    elif bias is not None and config.resolved_bias_order == "before_clip":
+        drift = bias.apply()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else torch.nn.utils.get_total_norm(grads)
-    drift: DriftStep | None = bias.apply() if bias is not None else None
+    if bias is not None and drift is None:
+        drift = bias.apply()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -120,7 +132,7 @@ def finetune(config: TrainConfig, progress: ProgressFn = no_progress) -> TrainRe
 
 
 def _fingerprint(config: TrainConfig, plan: Plan) -> dict[str, Any]:
-    keep = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    keep = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES and (config.lora_rank or k not in LORA_FIELDS)}
     return json.loads(json.dumps({**keep, "global_batch": plan.global_batch, "total_steps": plan.total_steps}))
 
 
@@ -143,28 +155,35 @@ def _start(config: TrainConfig, plan: Plan, model, optimizer, env) -> int:
         unfinished = f" (only the unfinished {removed[0].name}, now removed)" if removed else ""
         raise DeltakitError(f"--resume: no checkpoint in {config.run_path / 'checkpoints'}{unfinished}; "
                             "run without --resume to start over")
-    state = load_checkpoint(ckpts[-1], model, optimizer, env)
-    now = _fingerprint(config, plan)
-    diff = [k for k in now if state["fingerprint"].get(k) != now[k]]
+    now, saved = _fingerprint(config, plan), read_state(ckpts[-1])["fingerprint"]  # checked before loading: a LoRA rank changes shapes
+    diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
-        raise ConfigError(f"--resume: {diff[0]} is {now[diff[0]]!r} but the checkpoint was made with {state['fingerprint'].get(diff[0])!r}")
+        raise ConfigError(f"--resume: {diff[0]} is {now[diff[0]]!r} but the checkpoint was made with {saved.get(diff[0])!r}")
+    state = load_checkpoint(ckpts[-1], model, optimizer, env)
     log.info("resuming from %s (step %d of %d)", ckpts[-1], state["step"], plan.total_steps)
     return state["step"]
 
 
 def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainResult:
     check_output_free(config.out, config.force)
+    if config.prior is not None and config.bias_at == "micro_batch" and env.strategy == "fsdp":
+        raise ConfigError("bias_at micro_batch is not supported under FSDP2 (a micro-batch's local gradient exists only unsharded inside "
+                          "FSDP's backward, and biasing it there needs the whole D on every process): use strategy ddp or bias_at step")
     started = time.perf_counter()
     prior = open_prior(config.prior) if config.prior is not None else None
     torch.manual_seed(config.seed)
     model, family = load_model(config)
+    if config.lora_rank:
+        model = add_lora(model, family, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and env.device.type == "cuda" and torch.cuda.is_bf16_supported())
     fsdp = env.strategy == "fsdp"
     wrapped = dist.wrap(model, env, torch.bfloat16 if bf16 and fsdp else None)
     bias = None
     if prior is not None:
         prior_device = "cpu" if config.prior_device == "cpu" else None
-        bias = DriftBias.bind(model, prior, config.rule, config.alpha, family, prior_device)
+        bias = DriftBias.bind(model, prior, config.rule, config.alpha, family, prior_device, skip_frozen=config.skip_frozen)
+        if config.bias_at == "micro_batch":
+            bias.micro_batch_hooks()
     dataset, collate, _ = load_data(config)
     plan = Plan.make(len(dataset), config, env.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -176,7 +195,7 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
         kept = [r for r in read_jsonl(log_path) if r["step"] <= start] if start else []
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
     log.info("%d examples, global batch %d, %d steps (%d per epoch), warmup %d, %s", plan.examples, plan.global_batch,
-             plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, "DRIFT " + config.rule if bias else "plain SFT")
+             plan.total_steps, plan.steps_per_epoch, plan.warmup_steps, f"DRIFT {config.rule}, bias at {config.bias_at}, {config.resolved_bias_order}" if bias else "plain SFT")
 
     def autocast():
         return torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 and not fsdp else contextlib.nullcontext()
@@ -193,16 +212,21 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < plan.total_steps:
             state = {"step": step + 1, "fingerprint": _fingerprint(config, plan), "world_size": env.world_size}
             save_checkpoint(config.run_path / "checkpoints" / f"step-{step + 1:07d}", wrapped, optimizer, state, env, config.keep_checkpoints)
-    full = dist.full_state_dict(model)
+    full = dist.full_state_dict(model) if not config.lora_rank else None  # LoRA saves the adapter (and merges) instead
     final_loss = history[-1]["loss"] if history else float("nan")
     result = TrainResult(Path(config.out), plan.total_steps, plan.global_batch, final_loss, time.perf_counter() - started,
-                         bias.num_tensors if bias else 0, bias.num_params if bias else 0, start, history)
+                         bias.num_tensors if bias else 0, bias.num_params if bias else 0, start, history,
+                         drift_skipped=bias.num_skipped if bias else 0,
+                         lora_modules=len(model.peft_config["default"].target_modules) if config.lora_rank else 0)
     if env.is_main:
         with atomic_output_dir(config.out, config.force) as tmp:
             summary = json.dumps({"config": config.to_dict(), "result": {k: v for k, v in result.to_dict().items() if k != "history"}},
                                  indent=2, default=str)
-            save_final(model, full, config, tmp, save_dtype(config),
-                       {"deltakit_finetune.json": summary + "\n", "train_log.jsonl": log_path.read_text()})
+            files = {"deltakit_finetune.json": summary + "\n", "train_log.jsonl": log_path.read_text()}
+            if config.lora_rank:
+                save_lora(model, config, tmp, save_dtype(config), files)
+            else:
+                save_final(model, full, config, tmp, save_dtype(config), files)
         log.info("saved %s (%d steps, final loss %.4f)", config.out, plan.total_steps, final_loss)
     env.barrier()
     return result

@@ -49,6 +49,41 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, str]:
     return model, mapped.family.name
 
 
+def add_lora(model: torch.nn.Module, family: str, config: TrainConfig) -> torch.nn.Module:
+    """Wrap the loaded model with PEFT LoRA adapters (``config.lora_rank`` > 0); returns the ``PeftModel``.
+
+    Targets: the text-tower linear layers of ``config.lora_targets`` (module kinds; default attention and MLP,
+    :func:`deltakit.lora.target_modules`); every base weight is frozen.
+    """
+    from deltakit.lora import add_lora as wrap
+
+    return wrap(model, family, config.lora_rank, config.resolved_lora_alpha, config.lora_targets)
+
+
+MERGED = "merged"
+"""The subfolder of a LoRA run's output that holds the merged model (``merge_lora``)."""
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def save_lora(model: torch.nn.Module, config: TrainConfig, folder: Path, dtype: torch.dtype, extra_files: dict[str, str]) -> None:
+    """Save a LoRA run: the PEFT adapter in ``folder``, and with ``merge_lora`` the merged model in ``folder/merged``.
+
+    ``folder`` gets ``adapter_model.safetensors`` (float32, as trained) and ``adapter_config.json``
+    (``PeftModel.from_pretrained(base, folder)`` loads it), the base model's processor and tokenizer files and
+    ``extra_files``. The merged model (``W + s B A``, then ``dtype``) is saved like a full fine-tuning output, in
+    its own subfolder: transformers would read a model folder holding ``adapter_config.json`` as an adapter.
+    """
+    model.save_pretrained(folder, safe_serialization=True)
+    for path in open_model(config.model, config.family).ckpt.non_weight_files():
+        if path.name not in _MODEL_FILES and not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
+    for name, text in extra_files.items():
+        (folder / name).write_text(text)
+    if config.merge_lora:
+        merged = model.merge_and_unload()
+        save_final(merged, merged.state_dict(), config, folder / MERGED, dtype, {})
+
+
 def save_dtype(config: TrainConfig) -> torch.dtype:
     """The dtype of the saved weights: ``config.save_dtype``, or for ``auto`` the base checkpoint's text-tower dtype."""
     if config.save_dtype != "auto":
