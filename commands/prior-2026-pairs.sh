@@ -2,7 +2,8 @@
 # DRIFT priors for the 2025-26 pairings: `deltakit diff` (how far apart the text towers are) then
 # `deltakit prior` (D = LLM - MLLM on attention and MLP weights, MoE experts included, one tensor per
 # expert) for each pair. Checkpoints under $MODELS (Hugging Face repository names as folders); reports
-# and priors under $RUNS. Fine-tune with `deltakit finetune --prior $RUNS/<pair>.prior.safetensors`.
+# and priors under $RUNS; ONLY="Qwen3-VL-8B-Instruct ..." runs just the pairs of those MLLMs. Fine-tune with
+# `deltakit finetune --prior $RUNS/<pair>.prior.safetensors`.
 set -euo pipefail
 MODELS=${MODELS:-models}
 RUNS=${RUNS:-runs/priors-2026}
@@ -15,6 +16,7 @@ pairs=(
 )
 for pair in "${pairs[@]}"; do
     read -r mllm llm <<<"$pair"
+    if [[ -n "${ONLY:-}" && " $ONLY " != *" $mllm "* ]]; then continue; fi
     name="$mllm--$llm"
     deltakit diff "$MODELS/$mllm" "$MODELS/$llm" --json "$RUNS/$name.diff.json" --csv "$RUNS/$name.diff.csv"
     deltakit prior --mllm "$MODELS/$mllm" --llm "$MODELS/$llm" --json "$RUNS/$name.prior.json" \

@@ -1,6 +1,7 @@
 """`deltakit demo` end to end through the CLI (tiny settings); its report checked against numbers recomputed here."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from safetensors import safe_open
 
 from deltakit.cli import main
 from deltakit.data import SFTDataset, collate, load_examples
+from deltakit.evaluate import load_bench
+from test_eval import reference_outputs
 
 ARGS = ["--steps", "3", "--reasoner-steps", "4", "--n-train", "8", "--n-bench", "4", "--max-new-tokens", "8"]
 
@@ -34,6 +37,41 @@ def text_keys(w: dict) -> list[str]:
     return [k for k in w if "visual" not in k]
 
 
+# The prior's tensors: the demo's 2 layers x (q, k, v, o weights, q, k, v biases, gate, up, down).
+PRIOR_NAMES = {f"layers.{i}.{t}" for i in range(2) for t in
+               [f"self_attn.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")] + ["self_attn.o_proj.weight"]
+               + [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]}
+
+
+def hand_score(output: str, rec: dict) -> bool:
+    """Right iff the last \\boxed{X} holds the answer: X the option letter or text for choices, the same number
+    for numeric answers (to the record's precision), the same text case-insensitively otherwise."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", output)
+    if not boxed:
+        return False
+    x, answer = boxed[-1].strip(), str(rec["answer"])
+    choices = rec.get("choices")
+    if choices and len(x) == 1 and x.isalpha() and ord(x.upper()) - 65 < len(choices):
+        x = choices[ord(x.upper()) - 65]
+    if rec.get("answer_type") in ("integer", "float"):
+        try:
+            return round(float(x), rec.get("precision") or 0) == round(float(answer), rec.get("precision") or 0)
+        except ValueError:
+            return False
+    return x.lower() == answer.lower()
+
+
+def hf_loss(model, batch: dict) -> float:
+    """transformers' own mean token loss (labels shifted inside the model) over one batch (one thread: tiny matmuls)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return float(model(**batch).loss)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_artifact_is_there(demo):
     out, report, _ = demo
     assert json.loads((out / "demo.json").read_text()) == report
@@ -43,10 +81,8 @@ def test_every_artifact_is_there(demo):
         assert (out / rel).is_file(), rel
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     assert "<image>" not in (out / "data" / "train-text.jsonl").read_text()
-    assert report["finetune"]["drift"]["drift_tensors"] == report["prior"]["tensors"] == 20
+    assert report["finetune"]["drift"]["drift_tensors"] == report["prior"]["tensors"] == len(PRIOR_NAMES) == 20
     assert report["finetune"]["sft"]["drift_tensors"] == 0 and report["finetune"]["sft"]["steps"] == 3
-    text_loss = report["finetune"]["reasoner"]["heldout_text_loss"]
-    assert text_loss["reasoner"] < text_loss["base"]
 
 
 def test_bad_settings_are_one_error_line(tmp_path, capsys):
@@ -77,7 +113,7 @@ def test_pair_and_merge_follow_the_formulas(demo):
 def test_prior_is_reasoner_minus_base(demo):
     out, _, w = demo
     prior = weights(out)
-    assert len(prior) == 20
+    assert set(prior) == PRIOR_NAMES
     for name, d in prior.items():
         torch.testing.assert_close(d, (w["reasoner-llm"]["model." + name] - w["base"]["model." + name]).bfloat16().double())
 
@@ -101,22 +137,42 @@ def test_drift_moves_toward_the_reasoner_more_than_sft(demo):
     assert report["models"]["merged"]["reasoner_distance"] == pytest.approx(0.9, abs=1e-6)
 
 
-def test_scores_match_the_predictions_and_hf_loss(demo):
+def _vl(folder):
+    return transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_scores_match_greedy_decoding_and_hf_loss(demo):
     out, report, _ = demo
+    records = [json.loads(line) for line in (out / "data" / "bench.jsonl").read_text().splitlines()]
+    items = load_bench(out / "data" / "bench.jsonl")
     for m in ("base", "merged", "sft", "drift"):
         ev = json.loads((out / "reports" / f"eval-{m}.json").read_text())
-        assert len(ev["predictions"]) == 4
-        assert report["models"][m]["accuracy"] == sum(p["correct"] for p in ev["predictions"]) / 4
-    # Held-out loss of the SFT model: transformers' own mean token loss over one batch of all held-out examples.
-    processor = transformers.AutoProcessor.from_pretrained(out / "models" / "sft")
-    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "models" / "sft", dtype=torch.float32)
+        outputs = [p["output"] for p in ev["predictions"]]
+        assert [p["id"] for p in ev["predictions"]] == [r["id"] for r in records]
+        # accuracy as scored here from the outputs (the tiny models box no answer in 8 tokens: 0 of 4 right)
+        right = sum(hand_score(o, r) for o, r in zip(outputs, records))
+        assert (report["models"][m]["correct"], report["models"][m]["accuracy"]) == (right, right / 4)
+        if m in ("base", "drift"):  # the outputs themselves: plain greedy decoding with transformers, one prompt at a time
+            path = out / "models" / m
+            assert outputs == reference_outputs(_vl(path), transformers.AutoProcessor.from_pretrained(path), items, 8), m
+    # Held-out losses: transformers' own mean token loss over one batch of all held-out examples.
+    processor = transformers.AutoProcessor.from_pretrained(out / "models" / "base")
     dataset = SFTDataset(load_examples(out / "data" / "heldout" / "train.jsonl"), processor)
     batch = collate([dataset[i] for i in range(len(dataset))], processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        loss = float(model(**batch).loss)
-    assert report["models"]["sft"]["heldout_loss"] == pytest.approx(loss, rel=1e-5)
+    for m in ("base", "sft"):
+        assert report["models"][m]["heldout_loss"] == pytest.approx(hf_loss(_vl(out / "models" / m), batch), rel=1e-5), m
     losses = [report["models"][m]["heldout_loss"] for m in ("base", "sft")]
     assert losses[1] < losses[0]
+    # The partner's held-out text-only CoT loss: the reasoner's text tower is the saved Qwen2 LLM (noise 0), and on
+    # text-only input Qwen2.5-VL's mrope positions are plain 1-D ones, so the LLM gives the reasoner's loss.
+    text = SFTDataset(load_examples(out / "data" / "heldout" / "train-text.jsonl"), processor)
+    batch = collate([text[i] for i in range(len(text))], processor.tokenizer.pad_token_id)
+    llm = transformers.Qwen2ForCausalLM.from_pretrained(out / "models" / "reasoner-llm", dtype=torch.float32).eval()
+    text_loss = report["finetune"]["reasoner"]["heldout_text_loss"]
+    assert text_loss["base"] == pytest.approx(hf_loss(_vl(out / "models" / "base"), batch), rel=1e-5)
+    assert text_loss["reasoner"] == pytest.approx(
+        hf_loss(llm, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}), rel=1e-5)
+    assert text_loss["reasoner"] < text_loss["base"]
 
 
 def test_existing_output_is_refused(demo, capsys):

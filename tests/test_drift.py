@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from deltakit.drift import DriftBias, coefficients, drift_gradient, tensor_stats
+from deltakit.drift import DriftBias, drift_gradient
 from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.tiny import build_tiny
 
@@ -60,16 +60,9 @@ def test_zero_gradient_or_prior_adds_nothing(rule):
     assert torch.equal(drift_gradient(g, torch.zeros(4, 4), 1.0, "absolute"), g)
 
 
-@pytest.mark.parametrize("rule", ["absolute", "gradnorm", "adaptive"])
-def test_stats_summed_over_shards_equal_whole_tensor(rule):
-    # What FSDP2 does: each shard computes its partial stats, they are summed, then c is applied locally.
-    gen = torch.Generator().manual_seed(5)
-    g, d = torch.randn(9, 4, generator=gen), torch.randn(9, 4, generator=gen)
-    parts = [(gs, ds) for gs, ds in zip(g.chunk(3), d.chunk(3))]
-    stats = sum(tensor_stats(gs, ds) for gs, ds in parts)
-    c = float(coefficients(stats, torch.tensor(0.7, dtype=torch.float64), rule))
-    sharded = torch.cat([gs - c * ds for gs, ds in parts])
-    torch.testing.assert_close(sharded.double(), reference(g, d, 0.7, rule), rtol=1e-6, atol=1e-6)
+# Shard sums: DriftBias._sum_over_shards and apply on FSDP2 shards of 2 gloo processes, checked against
+# reference() on whole tensors, run in the 2-process spawn of tests/test_distributed.py
+# (test_shard_sums_bias_like_whole_tensors), which pays for the processes once.
 
 
 def test_unknown_rule():
@@ -142,15 +135,14 @@ def test_apply_without_gradient_is_an_error():
 
 @pytest.mark.parametrize("prior_device", [None, "cpu"])
 def test_bound_prior_keeps_its_dtype_and_biases_every_step(prior_device):
-    # D stays in its stored dtype (bf16 here) where it was asked to live, and |D|^2, computed once at bind,
-    # gives the formula's bias on each of several steps with different gradients.
+    # D stays in its stored dtype (bf16 here), and |D|^2, computed once at bind, gives the formula's bias on
+    # each of several steps with different gradients (where D lives: the next test).
     model = build_tiny("qwen2_5_vl")
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(8)
     prior = DictPrior({n: torch.randn(params["model.language_model." + n].shape, generator=gen).bfloat16() for n in PRIOR_NAMES})
     bias = DriftBias.bind(model, prior, rule="adaptive", alpha=0.5, prior_device=prior_device)
     assert {t.prior.dtype for t in bias.targets} == {torch.bfloat16}
-    assert {t.prior.device.type for t in bias.targets} == {"cpu"}
     for _ in range(3):
         grads = {n: torch.randn(params["model.language_model." + n].shape, generator=gen) for n in PRIOR_NAMES}
         for n in PRIOR_NAMES:
@@ -159,6 +151,34 @@ def test_bound_prior_keeps_its_dtype_and_biases_every_step(prior_device):
         for n in PRIOR_NAMES:
             want = reference(grads[n], prior.tensors[n].float(), 0.5, "adaptive")
             torch.testing.assert_close(params["model.language_model." + n].grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_prior_device_none_follows_the_parameter_cpu_pins_it():
+    # This machine has no accelerator, so CPU parameters cannot tell "the parameter's device" from "cpu".
+    # Parameters on the meta device can: prior_device=None puts each D on its parameter's device (meta),
+    # prior_device="cpu" keeps it on the CPU whatever the parameters' device.
+    model = build_tiny("qwen2_5_vl")
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(9)
+    source = {n: torch.randn(params["model.language_model." + n].shape, generator=gen) for n in PRIOR_NAMES}
+    # On CPU parameters, None gives a CPU D that is a copy: DictPrior.get returns the source tensor itself, and
+    # a later in-place change to it must not move the bound prior.
+    bias = DriftBias.bind(model, DictPrior(source))
+    kept = {t.canonical: t.prior.clone() for t in bias.targets}
+    for t in bias.targets:
+        assert t.prior.device == t.param.device == torch.device("cpu")
+        assert t.prior.untyped_storage().data_ptr() != source[t.canonical].untyped_storage().data_ptr()
+        source[t.canonical].add_(1.0)
+        assert torch.equal(t.prior, kept[t.canonical]), t.canonical
+        source[t.canonical].sub_(1.0)
+    meta = build_tiny("qwen2_5_vl").to("meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    follows = DriftBias.bind(meta, DictPrior(source), prior_device=None)
+    pinned = DriftBias.bind(meta, DictPrior(source), prior_device="cpu")
+    assert [t.prior.device.type for t in follows.targets] == ["meta"] * len(PRIOR_NAMES)
+    assert [t.prior.device.type for t in pinned.targets] == ["cpu"] * len(PRIOR_NAMES)
+    for t in pinned.targets:  # pinned on the CPU, with the source's values
+        assert torch.equal(t.prior, source[t.canonical]), t.canonical
 
 
 @pytest.mark.parametrize("compress", [None, "int8"])

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from deltakit.cli import main
 from deltakit.errors import DeltakitError
 from deltakit.merge import MergeConfig, MergeConfigError, merge
-from deltakit.merge.methods import (TopK, dare_block_rows, dare_linear, dare_ties, linear, magnitude_mask, random_mask,
-                                    task_arithmetic, ties)
+from deltakit.merge.methods import TopK, dare_block_rows, dare_linear, dare_ties, linear, random_mask, task_arithmetic
 from deltakit.merge.plan import dare_seed
 from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
 
@@ -92,21 +91,6 @@ def _ties_reference(base, xs, weights, densities, lam=1.0, normalize=True):
     return torch.from_numpy(base + lam * mixed).float()
 
 
-def test_ties_formula():
-    base, a, b = _rand(16, 9, seed=4), _rand(16, 9, seed=5), _rand(16, 9, seed=6)
-    got = ties(base, [a, b], [0.7, 0.4], [0.5, 0.2], lambda_=0.9)
-    torch.testing.assert_close(got, _ties_reference(base, [a, b], [0.7, 0.4], [0.5, 0.2], 0.9), atol=1e-5, rtol=1e-5)
-    got = ties(base, [a, b], [1.0, 1.0], [0.3, 0.3], normalize=False)
-    torch.testing.assert_close(got, _ties_reference(base, [a, b], [1.0, 1.0], [0.3, 0.3], normalize=False), atol=1e-5, rtol=1e-5)
-
-
-def test_magnitude_mask_keeps_exactly_k_with_ties_in_row_major_order():
-    d = torch.tensor([[3.0, -1.0, 1.0], [1.0, -2.0, 0.5]])
-    m = magnitude_mask(d, 0.5)  # k = 3: 3, -2 and the first of the three |1|
-    assert m.tolist() == [[True, True, False], [False, True, False]]
-    assert int(magnitude_mask(_rand(10, 10), 0.2).sum()) == 20
-
-
 def _topk_reference(a: torch.Tensor, density: float) -> torch.Tensor:
     """The k largest entries of ``a`` (ties in row-major order) by a stable sort, as a bool mask."""
     k = max(1, int(density * a.numel()))
@@ -177,10 +161,17 @@ def test_linear_br2v_output_layout_copies_and_forward_pass(pair, tensors):
     report = merge(MergeConfig.simple(str(pair["vl"]), str(pair["llm"]), alpha=0.9), out, max_shard_bytes=40_000)
     vl, llm = tensors["vl"], tensors["llm"]
     got = _load(out)
-    assert list(got) == list(vl) or set(got) == set(vl)
+    # The output keeps the MLLM's keys in the MLLM's file order: plan_merge makes one job per key of
+    # Checkpoint.keys() (file order), ShardedWriter fills shards in that order and SafetensorsWriter lays out
+    # each shard's header and data in it; the index lists them in it too. (safetensors' load_file and _load
+    # keep header order, shards in name order.)
+    assert list(got) == list(vl)
     assert len(list(out.glob("model-*.safetensors"))) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(vl)
+    assert list(index["weight_map"]) == list(vl)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert [index["weight_map"][k] for k in vl] == sorted(index["weight_map"][k] for k in vl)  # shards fill in key order
+    assert [k for f in shards for k in load_file(f)] == list(vl)
     merged = [k for k in vl if k.startswith("model.layers.") or k == "model.norm.weight"]
     assert len(merged) == 12 * LAYERS + 1  # q,k,v,o weights + q,k,v biases + gate,up,down + 2 norms; final norm
     for k in merged:
@@ -278,6 +269,30 @@ def test_ties_and_dare_on_checkpoints(pair, tensors):
     k = "model.norm.weight"  # norms are merged by default, embeddings are not
     torch.testing.assert_close(got_t[k], _ties_reference(base[k], [vl[k], llm[k]], [0.6, 0.4], [0.3, 0.3]), atol=1e-5, rtol=1e-5)
     assert torch.equal(got_t["model.embed_tokens.weight"], vl["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("case", ["per_model_density_lambda", "unnormalized"])
+def test_ties_through_merge_matches_the_numpy_reference(pair, tensors, case):
+    """Per-model densities, lambda and normalize: false, through merge() (the streamed top-k and combine)."""
+    vl, llm, base = tensors["vl"], tensors["llm"], tensors["base"]
+    if case == "per_model_density_lambda":
+        weights, densities, lam, normalize = [0.7, 0.4], [0.5, 0.2], 0.9, True
+    else:
+        weights, densities, lam, normalize = [1.0, 1.0], [0.3, 0.3], 1.0, False
+    cfg = MergeConfig.from_dict({
+        "merge_method": "ties", "mllm": str(pair["vl"]), "base_model": str(pair["base"]),
+        "models": [{"model": str(pair["vl"]), "parameters": {"weight": weights[0], "density": densities[0]}},
+                   {"model": str(pair["llm"]), "parameters": {"weight": weights[1], "density": densities[1]}}],
+        "parameters": {"lambda": lam, "normalize": normalize}})
+    merge(cfg, pair["root"] / f"ties_{case}")
+    got = _load(pair["root"] / f"ties_{case}")
+    merged = [k for k in vl if k.startswith("model.layers.") or k == "model.norm.weight"]
+    assert len(merged) == 12 * LAYERS + 1
+    for k in merged:
+        want = _ties_reference(base[k], [vl[k], llm[k]], weights, densities, lam, normalize)
+        torch.testing.assert_close(got[k], want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    for k in set(vl) - set(merged):
+        assert torch.equal(got[k], vl[k]), k
 
 
 def test_ties_streamed_in_small_blocks_on_bf16_checkpoints(tmp_path):

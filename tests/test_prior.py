@@ -92,15 +92,55 @@ def test_default_prior_is_direct_subtraction_with_metadata(models, sd, full32):
         d, w = _direct(sd, name).double(), sd["vl"][_disk(name)].double()
         assert e["d_norm"] == pytest.approx(float(d.norm()), rel=SUMS_REL)
         assert e["w_norm"] == pytest.approx(float(w.norm()), rel=SUMS_REL)
-        assert e["cosine"] == pytest.approx(1.0, abs=1e-12) and e["encoding"] == "full"
+        assert e["encoding"] == "full"
     small = full32.with_name("chunked.safetensors")
     export_prior(models["vl"], models["llm"], small, dtype="float32", block_elements=96)
     assert all(torch.equal(t, stored[n]) for n, t in load_file(small).items())
     prior = Prior.open(full32)
     assert prior.family == "qwen2_5_vl" and sorted(prior.names) == sorted(stored)
+    for name in stored:  # Prior.get against D recomputed from the two checkpoints (safetensors, float32)
+        assert prior.shape(name) == tuple(sd["vl"][_disk(name)].shape) and torch.equal(prior.get(name), _direct(sd, name)), name
     name = "layers.2.self_attn.k_proj.bias"
-    assert prior.shape(name) == tuple(stored[name].shape) and torch.equal(prior.get(name), stored[name])
     assert prior.get(name, dtype=torch.float64).dtype == torch.float64
+
+
+def _fidelity_from_stored(stored: torch.Tensor, d: torch.Tensor) -> tuple[float, float, float]:
+    """cos(stored, D), |stored - D| / |D| and |stored| in float64: what a prior's header reports per tensor."""
+    s, d = stored.double().reshape(-1), d.double().reshape(-1)
+    return float(s @ d / (s.norm() * d.norm())), float((s - d).norm() / d.norm()), float(s.norm())
+
+
+def test_reported_fidelity_is_that_of_the_stored_tensor(models, sd, full32, tmp_path):
+    # The header's cosine, rel_error and stored_norm of each tensor, and the totals, recomputed here from the
+    # stored tensor and D = LLM - MLLM of the float32 checkpoints. float32 storage is exact (cosine 1, error 0);
+    # bf16 storage of the same D is not ("full" encoding, rounded): ~1e-6 below cosine 1, ~2e-3 relative error.
+    bf16 = tmp_path / "bf16.safetensors"
+    export_prior(models["vl"], models["llm"], bf16, dtype="bfloat16")
+    for path, exact in ((full32, True), (bf16, False)):
+        prior = Prior.open(path)
+        stored = load_file(path)
+        dot = d_sq = s_sq = err_sq = 0.0
+        worst = 1.0
+        for name, e in prior.entries.items():
+            d = _direct(sd, name)
+            assert stored[name].dtype == (torch.float32 if exact else torch.bfloat16) and e["encoding"] == "full"
+            cos, rel, norm = _fidelity_from_stored(stored[name], d)
+            if exact:
+                assert cos == pytest.approx(1.0, abs=1e-12) and rel == 0.0
+            else:
+                assert 1e-7 < 1 - cos < 1e-5 and 1e-4 < rel < 1e-2, (name, cos, rel)
+            assert e["cosine"] == pytest.approx(cos, abs=1e-7), name  # float32 partial sums (SUMS_REL)
+            assert e["rel_error"] == pytest.approx(rel, rel=1e-5, abs=1e-12), name
+            assert e["stored_norm"] == pytest.approx(norm, rel=SUMS_REL), name
+            s64, d64 = stored[name].double(), d.double()
+            dot, d_sq, s_sq = dot + float((s64 * d64).sum()), d_sq + float(d64.square().sum()), s_sq + float(s64.square().sum())
+            err_sq += float((s64 - d64).square().sum())
+            worst = min(worst, cos)
+        totals = prior.metadata["totals"]
+        assert totals["cosine"] == pytest.approx(dot / math.sqrt(d_sq * s_sq), abs=1e-7)
+        assert totals["min_cosine"] == pytest.approx(worst, abs=1e-7)
+        assert totals["rel_error"] == pytest.approx(math.sqrt(err_sq / d_sq), rel=1e-5, abs=1e-12)
+        prior.close()
 
 
 def test_bf16_default_from_sharded_bf16_checkpoints(models, tmp_path):

@@ -48,8 +48,8 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path):
              for n, p in model.named_parameters() if n.startswith("model.language_model.layers.") and "layernorm" not in n}
     _patch(prior)
     try:
-        finetune(_config(base, tmp_path / "whole", tmp_path / "whole.run", batch_size=2, grad_accum=2))
-        finetune(_config(base, tmp_path / "cut", tmp_path / "cut.run", batch_size=2, grad_accum=2, keep_checkpoints=3))
+        # the uninterrupted run; its step-1 checkpoint is where the 2-process run takes over
+        finetune(_config(base, tmp_path / "whole", tmp_path / "cut.run", batch_size=2, grad_accum=2, keep_checkpoints=3))
     finally:
         loop_module.load_data, loop_module.open_prior = _ORIGINAL
     for later in (tmp_path / "cut.run" / "checkpoints").glob("step-*"):  # as if the run had stopped after step 1 of 3
