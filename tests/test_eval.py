@@ -171,6 +171,9 @@ def test_cli_writes_every_prediction(tiny, bench, tmp_path, capsys, monkeypatch)
         "average": (1, 1), "counting": (2, 1), "shape": (2, 1)}
     assert set(data["predictions"][0]) == {"id", "category", "answer_type", "question", "choices", "answer", "output",
                                            "prediction", "correct"}
+    # beside --json, each prediction was also written as it was scored (what an interrupted run keeps)
+    written = [json.loads(line) for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
+    assert written == data["predictions"]
     rows = [" ".join(line.replace("│", " ").replace("*", " ").split()) for line in capsys.readouterr().out.splitlines()]
     for row in ("average 1 1 100.0%", "counting 2 1 50.0%", "shape 2 1 50.0%", "all 5 3 60.0%"):
         assert row in rows, (row, rows)

@@ -19,8 +19,8 @@ from deltakit.cli._common import console, json_option, progress_bar, write_json
 @click.option("--limit", type=int, default=None, help="Only the first N questions.")
 @click.option("--device", default=None, help="torch device [cuda if available, else cpu].")
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write each prediction as one JSON line to this file as soon as it is scored "
-                   "(replaced at the start; an interrupted run keeps what it did).")
+              help="Write each prediction as one JSON line to this file as soon as it is scored (replaced at the "
+                   "start; an interrupted run keeps what it did) [with --json OUT.json: OUT.predictions.jsonl].")
 @json_option
 def command(model: Path, data_path: Path, batch_size: int, max_new_tokens: int, limit: int | None, device: str | None,
             predictions_path: Path | None, json_path: Path | None) -> None:
@@ -30,6 +30,8 @@ def command(model: Path, data_path: Path, batch_size: int, max_new_tokens: int, 
     """
     from deltakit.evaluate import evaluate
 
+    if predictions_path is None and json_path is not None and str(json_path) != "-":
+        predictions_path = json_path.with_suffix(".predictions.jsonl")
     with progress_bar() as progress:
         report = evaluate(model, data_path, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
                           limit=limit, device=device, predictions_path=predictions_path)
