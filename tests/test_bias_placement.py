@@ -29,7 +29,6 @@ import transformers
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from deltakit.drift import coefficients, drift_gradient, tensor_stats
-from deltakit.tiny import save_tiny
 from deltakit.train import ConfigError, TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from train_helpers import DictPrior, collate, synthetic_examples
@@ -124,8 +123,8 @@ def test_auto_order_per_rule_and_config_checks(rule, order):
 # ---------------------------------------------------------------- the finetune API against steps written out
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny("qwen2_5_vl", tmp_path_factory.mktemp("base") / "mllm", seed=0)
+def base(tiny_checkpoint):
+    return tiny_checkpoint("qwen2_5_vl")  # the session's tiny Qwen2.5-VL (seed 0, float32), read-only
 
 
 @pytest.fixture(scope="module")

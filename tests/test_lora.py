@@ -181,8 +181,8 @@ def test_lora_config_errors():
 
 # ------------------------------------------------------------------------------------- deltakit finetune with LoRA
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return save_tiny("qwen2_5_vl", tmp_path_factory.mktemp("base") / "mllm", seed=0)
+def base(tiny_checkpoint):
+    return tiny_checkpoint("qwen2_5_vl")  # the session's tiny Qwen2.5-VL (seed 0, float32), read-only
 
 
 @pytest.fixture(scope="module")
