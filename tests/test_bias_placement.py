@@ -20,7 +20,6 @@ which then differ by one scalar (``s`` against ``s'``), and default to after_cli
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from deltakit.drift import coefficients, drift_gradient, tensor_stats
 from deltakit.train import ConfigError, TrainConfig, finetune
 from deltakit.train import loop as loop_module
-from train_helpers import DictPrior, collate, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, synthetic_examples
 
 RULES = ("absolute", "gradnorm", "adaptive")
 PRIOR_KINDS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.v_proj.weight", "mlp.down_proj.weight")
@@ -285,12 +284,6 @@ def test_micro_batch_is_the_sum_of_biased_micro_batch_gradients(run, base, prior
 
 # ---------------------------------------------------------------- micro_batch under DDP and FSDP2
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, config, prior):
     torch.set_num_threads(1)
     loop_module.load_data = lambda c: (synthetic_examples(2, 0), collate, None)
@@ -306,7 +299,7 @@ def test_micro_batch_under_ddp_biases_each_rank_before_the_all_reduce(run, base,
     config = TrainConfig(model=str(base), data="synthetic.jsonl", out=str(tmp_path / "ddp"), lr=LR, warmup_ratio=0.0, max_steps=1,
                          adam_eps=EPS, precision="fp32", prior="prior", rule="gradnorm", batch_size=1, max_grad_norm=0.0,
                          strategy="ddp", bias_at="micro_batch")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), config, prior_tensors), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), config, prior_tensors), nprocs=2, join=True)
     ddp = {n: p.detach() for n, p in transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tmp_path / "ddp", dtype=torch.float32).named_parameters()}
     micro, _ = run(2, "micro", rule="gradnorm", batch_size=1, grad_accum=2, max_grad_norm=0.0, bias_at="micro_batch")
@@ -318,7 +311,7 @@ def test_micro_batch_under_ddp_biases_each_rank_before_the_all_reduce(run, base,
 
 def test_micro_batch_is_refused_under_fsdp(base, tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="bias_at micro_batch is not supported under FSDP2"):

@@ -9,7 +9,6 @@ whole tensors (dense, unevenly split, and fused MoE experts).
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -21,18 +20,12 @@ from deltakit.tiny import build_tiny, save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from test_drift import reference
-from train_helpers import DictPrior, collate, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, synthetic_examples
 
 STEPS = 2
 # Text sizes of the uneven model: gate/up_proj [63, 32] and embed_tokens/lm_head [511, 32] split 32 + 31 and
 # 256 + 255 rows over 2 processes (torch.chunk, as FSDP2's Shard(0) does: the last chunk is the short one).
 UNEVEN = {"intermediate": 63, "vocab": 511}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(base, out, **kw) -> TrainConfig:
@@ -83,10 +76,10 @@ def runs(tmp_path_factory):
     base = save_tiny("qwen2_5_vl", tmp / "mllm", seed=0)
     uneven = save_tiny("qwen2_5_vl", tmp / "uneven", seed=0, **UNEVEN)
     prior, uneven_prior = _random_prior(base, 11), _random_prior(uneven, 12, embeddings=True)
-    distributed = [(_free_port(), _config(base, tmp / "ddp", strategy="ddp", batch_size=1, grad_accum=2), prior),
-                   (_free_port(), _config(base, tmp / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2, save_every=1), prior),
-                   (_free_port(), _config(uneven, tmp / "uneven_fsdp", strategy="fsdp", batch_size=1, grad_accum=2), uneven_prior)]
-    mp.spawn(_worker, args=(2, distributed, _free_port(), str(tmp / "shards.pt")), nprocs=2, join=True)
+    distributed = [(free_port(), _config(base, tmp / "ddp", strategy="ddp", batch_size=1, grad_accum=2), prior),
+                   (free_port(), _config(base, tmp / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2, save_every=1), prior),
+                   (free_port(), _config(uneven, tmp / "uneven_fsdp", strategy="fsdp", batch_size=1, grad_accum=2), uneven_prior)]
+    mp.spawn(_worker, args=(2, distributed, free_port(), str(tmp / "shards.pt")), nprocs=2, join=True)
     try:
         _patch(prior)
         finetune(_config(base, tmp / "single", batch_size=2, grad_accum=2))

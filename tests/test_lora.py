@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 from types import SimpleNamespace
 
+import peft
 import pytest
 import torch
-import peft
 import transformers
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*deprecated:FutureWarning")
@@ -24,7 +23,7 @@ from deltakit.lora import lora_directions  # noqa: E402
 from deltakit.tiny import build_tiny, save_tiny  # noqa: E402
 from deltakit.train import ConfigError, TrainConfig, finetune  # noqa: E402
 from deltakit.train import loop as loop_module  # noqa: E402
-from train_helpers import DictPrior, collate, synthetic_examples  # noqa: E402
+from train_helpers import DictPrior, collate, free_port, synthetic_examples  # noqa: E402
 
 LM = "model.language_model."
 PEFT_LM = "base_model.model." + LM
@@ -154,9 +153,7 @@ def test_lora_factors_sharded_by_fsdp2_are_refused():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
     try:
         model = lora_model([LM + "layers.0.self_attn.q_proj"])

@@ -5,7 +5,6 @@ whole experts; DriftBias must sum each expert's statistics over the processes ex
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -17,15 +16,9 @@ from deltakit.tiny import save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from test_moe_finetune import text_examples
-from train_helpers import DictPrior, collate
+from train_helpers import DictPrior, collate, free_port
 
 _ORIGINAL = (loop_module.load_data, loop_module.open_prior)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(base, out, **kw) -> TrainConfig:
@@ -59,7 +52,7 @@ def test_fsdp2_biases_each_expert_as_one_process_does(tmp_path):
     prior = {c: torch.randn(p.shape, generator=gen) * 0.05 for c, p in text.items()
              if ".mlp.experts." in c or ".self_attn." in c and c.endswith("_proj.weight")}
     assert sum(".mlp.experts." in c for c in prior) == 2 * 4 * 3  # 2 layers x 4 experts x gate, up, down
-    mp.spawn(_worker, args=(2, _free_port(), _config(base, tmp_path / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2), prior),
+    mp.spawn(_worker, args=(2, free_port(), _config(base, tmp_path / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2), prior),
              nprocs=2, join=True)
     _patch(prior)
     try:

@@ -3,7 +3,6 @@ are the uninterrupted run's. The tiny model has no dropout, so the re-seeded RNG
 
 import os
 import shutil
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -12,7 +11,7 @@ import transformers
 from deltakit.tiny import save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
-from train_helpers import DictPrior, collate, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, synthetic_examples
 
 _ORIGINAL = (loop_module.load_data, loop_module.open_prior)
 
@@ -57,9 +56,7 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path):
             shutil.rmtree(later)
     assert [p.name for p in (tmp_path / "cut.run" / "checkpoints").iterdir()] == ["step-0000001"]
     assert len(list((tmp_path / "cut.run" / "checkpoints" / "step-0000001").glob("rng-*.pt"))) == 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     resumed = _config(base, tmp_path / "resumed", tmp_path / "cut.run", batch_size=1, grad_accum=2, resume=True)
     mp.spawn(_resume_on_two, args=(2, port, resumed, prior), nprocs=2, join=True)
     whole, got = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")

@@ -5,6 +5,8 @@ a prompt (masked with -100), for some an image of 2x2 patches (one merged image 
 assistant answer (trained). They let the loop be tested apart from the data pipeline.
 """
 
+import socket
+
 import torch
 
 from deltakit.tiny import SPECIAL
@@ -63,3 +65,10 @@ class DictPrior:
 
     def alpha(self, name):
         return self.alphas.get(name, 1.0)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
