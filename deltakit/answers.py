@@ -138,3 +138,44 @@ def score(output: str, answer: str, answer_type: str, choices: list[str] | None 
         pred = normalize_text(extracted)
         return (pred or None), bool(pred) and pred == normalize_text(answer)
     raise ValueError(f"unknown answer_type {answer_type!r}; expected one of {', '.join(ANSWER_TYPES)}")
+
+
+# --- deltakit's lenient mode (docs/scoring.md): reported beside each benchmark's official score -------------
+
+_UNIT_TAIL = re.compile(r"(?:\\(?:text|mathrm|mbox)\{\s*[^{}]*\}|°|\\circ|\^\{?\\circ\}?|\\%|%|\s+[a-zA-Z]{1,12}(?:\^?[23])?\.?)\s*$")
+
+
+def strip_units(s: str, unit: str | None = None) -> str:
+    """``s`` without a trailing unit: the benchmark's ``unit`` when given, ``\\text{...}``, degrees, percent, or a
+    short trailing word after a number (``12 cm``, ``3.5 meters``)."""
+    s = s.strip().rstrip(".").strip().replace("$", "")
+    if unit and s.endswith(unit):
+        s = s[: -len(unit)].strip()
+    for _ in range(3):
+        t = _UNIT_TAIL.sub("", s).strip()
+        if not t or t == s or not re.search(r"\d", t):
+            break
+        s = t
+    return s
+
+
+def lenient_equal(extracted: str | None, gold: str, choices: list[str] | None = None, unit: str | None = None,
+                  precision: int | None = None) -> bool:
+    """deltakit's lenient verdict: with ``choices``, the letter or text the answer names (``\\boxed{B}``, ``(B)``,
+    ``B. text``) is the gold choice; otherwise math-verify finds the two equal once units are stripped
+    (``\\frac{1}{2}`` == ``0.5``; numbers compared at ``precision`` decimals, default 6). Never raises."""
+    from deltakit.benchmarks.mathcheck import equivalent
+
+    if not extracted or not gold:
+        return False
+    extracted = last_boxed(extracted) or extracted
+    if choices:
+        letters = [chr(65 + i) for i in range(len(choices))]
+        want = choices[letters.index(gold)] if gold in letters else gold
+        return match_choice(extracted, choices) == want
+    a, b = strip_units(extracted, unit), strip_units(gold, unit)
+    if not a or not b:
+        return False
+    if normalize_text(a) == normalize_text(b):
+        return True
+    return equivalent(b, a, float_rounding=6 if precision is None else int(precision))

@@ -1,13 +1,14 @@
 """Loading a model folder with transformers: the class its ``config.json`` names, and its processor.
 
-Never with ``trust_remote_code``: the class must be one transformers ships.
+Never with ``trust_remote_code``: the class must be one transformers ships. A hub ID (``org/name[@rev]``) is
+resolved to its cached or downloaded snapshot first (:func:`deltakit.hub.resolve_model`), so transformers
+only ever reads a local folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import transformers
@@ -15,15 +16,16 @@ import transformers
 from deltakit.errors import CheckpointError
 
 
-def model_class(path: str | os.PathLike) -> type:
+def model_class(path: str | os.PathLike, revision: str | None = None) -> type:
     """The transformers class named first in ``path/config.json``'s ``architectures``.
 
     The folder is opened as a :class:`~deltakit.io.checkpoint.Checkpoint` first, so its files are read only
     inside it (or in a Hugging Face cache's blobs), as every other command reads them.
     """
+    from deltakit.hub import resolve_model
     from deltakit.io.checkpoint import Checkpoint
 
-    path = Path(path)
+    path = resolve_model(path, revision)
     Checkpoint.open(path).close()
     try:
         config = json.loads((path / "config.json").read_text())
@@ -36,8 +38,11 @@ def model_class(path: str | os.PathLike) -> type:
     return cls
 
 
-def load_processor(path: str | os.PathLike, purpose: str) -> Any:
-    """``AutoProcessor`` of the folder; a folder without usable processor files is one error line naming ``purpose``."""
+def load_processor(path: str | os.PathLike, purpose: str, revision: str | None = None) -> Any:
+    """``AutoProcessor`` of the folder (or hub ID); a folder without usable processor files is one error line naming ``purpose``."""
+    from deltakit.hub import resolve_model
+
+    path = resolve_model(path, revision)
     try:
         return transformers.AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:

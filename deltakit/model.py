@@ -112,6 +112,10 @@ def map_checkpoint(ckpt: Checkpoint, family: str | Family | None = None) -> Mapp
     return MappedCheckpoint(ckpt, fam, infos, text, tied, cross)
 
 
-def open_model(path: str | os.PathLike, family: str | Family | None = None, allow_pickle: bool = False) -> MappedCheckpoint:
-    """Open a checkpoint folder and map it to canonical names (the entry point of every command)."""
-    return map_checkpoint(Checkpoint.open(path, allow_pickle=allow_pickle), family)
+def open_model(path: str | os.PathLike, family: str | Family | None = None, allow_pickle: bool = False,
+               revision: str | None = None) -> MappedCheckpoint:
+    """Open a checkpoint folder, or a hub ID ``org/name[@rev]`` (:func:`deltakit.hub.resolve_model`: an existing
+    path wins, then the local cache, then a download), and map it to canonical names (the entry point of every command)."""
+    from deltakit.hub import resolve_model
+
+    return map_checkpoint(Checkpoint.open(resolve_model(path, revision, allow_pickle), allow_pickle=allow_pickle), family)

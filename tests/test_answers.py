@@ -103,3 +103,28 @@ def test_long_number_within_the_context_still_compares():
     # 26 significant digits after rounding: within the 28-digit context, so scored as usual.
     assert score(r"\boxed{123456789012345678901234.55}", "123456789012345678901234.6", "float") == (
         "123456789012345678901234.6", True)
+
+
+@pytest.mark.parametrize("extracted,gold,kw,expected", [
+    (r"\frac{1}{2}", "0.5", {"precision": 1}, True),  # math-verify: 1/2 == 0.5
+    ("12 cm", "12", {}, True),  # a trailing unit word after a number
+    (r"45^\circ", "45", {}, True),
+    (r"3\text{ m}", "3", {"unit": "m"}, True),
+    ("13", "12", {}, False),
+    (r"\boxed{B}", "145°", {"choices": CHOICES}, True),  # a boxed letter names the choice
+    ("B. 145°", "B", {"choices": CHOICES}, True),
+    ("C", "145°", {"choices": CHOICES}, False),
+    ("", "1", {}, False),
+    (None, "1", {}, False),
+])
+def test_lenient_equal(extracted, gold, kw, expected):
+    from deltakit.answers import lenient_equal
+
+    assert lenient_equal(extracted, gold, **kw) is expected
+
+
+def test_strip_units():
+    from deltakit.answers import strip_units
+
+    assert strip_units("12 cm") == "12" and strip_units(r"5\%") == "5" and strip_units("x + y") == "x + y"
+    assert strip_units(r"3.5\text{ meters}.") == "3.5" and strip_units("7 apples", unit="apples") == "7"

@@ -1,5 +1,6 @@
 """``deltakit eval`` on a tiny Qwen2.5-VL with the real offline processor: scripted outputs give a hand-countable
-accuracy, real greedy generation is batch-size invariant, the CLI writes every prediction."""
+accuracy, real greedy generation is batch-size invariant, the CLI writes every prediction as it is made, --resume
+continues an interrupted run, sampling / thinking / prompt flags reach generate and the chat template."""
 
 import json
 
@@ -9,7 +10,8 @@ import transformers
 from PIL import Image
 
 from deltakit.cli import main
-from deltakit.data import DataError, write_demo_data
+from deltakit.data import DataError
+from deltakit.demo.samples import write_demo_data
 from deltakit.errors import DeltakitError
 from deltakit.evaluate import build_prompt, evaluate, load_bench
 from deltakit.tiny import SPECIAL, save_tiny
@@ -119,15 +121,15 @@ def test_accuracy_matches_hand_count(tiny, bench, monkeypatch):
     assert [c for c, _ in calls] == [3, 3, 1] and sum(p for _, p in calls) > 0
     assert (report.examples, report.correct, report.unanswered) == (7, 4, 1)
     assert report.accuracy == pytest.approx(4 / 7)
-    assert {k: (v["examples"], v["correct"]) for k, v in report.categories.items()} == {
+    assert {k: (v["examples"], v["correct"]) for k, v in report.categories["category"].items()} == {
         "average": (1, 1), "color": (2, 1), "counting": (2, 1), "shape": (2, 1)}
-    assert report.categories["color"]["accuracy"] == 0.5
-    assert {k: (v["examples"], v["correct"]) for k, v in report.answer_types.items()} == {
+    assert report.categories["category"]["color"]["accuracy"] == 0.5
+    assert {k: (v["examples"], v["correct"]) for k, v in report.categories["answer_type"].items()} == {
         "float": (1, 1), "integer": (2, 1), "multi_choice": (2, 1), "text": (2, 1)}
     preds = report.predictions
     assert [p["id"] for p in preds] == [f"q{i}" for i in range(7)]
-    assert [p["output"] for p in preds] == [out for _, out in SCRIPT]
-    assert [p["prediction"] for p in preds] == ["3", "4", "square", "circle", "5.5", "red", None]
+    assert [p["prediction"] for p in preds] == [out for _, out in SCRIPT]
+    assert [p["extracted"] for p in preds] == ["3", "4", "square", "circle", "5.5", "red", None]
     assert [p["correct"] for p in preds] == [True, False, True, False, True, True, False]
 
 
@@ -149,7 +151,7 @@ def test_real_generation_matches_greedy_decoding_written_out(tiny, tmp_path):
     three = evaluate(tiny, demo.bench, batch_size=3, max_new_tokens=6)
     model = QWEN_VL.from_pretrained(tiny, dtype=torch.float32).eval()
     want = reference_outputs(model, transformers.AutoProcessor.from_pretrained(tiny), load_bench(demo.bench), 6)
-    assert [p["output"] for p in three.predictions] == want
+    assert [p["prediction"] for p in three.predictions] == want
     assert len(set(want)) > 2  # outputs depend on the prompt, so padding errors would show
 
 
@@ -164,20 +166,20 @@ def test_cli_writes_every_prediction(tiny, bench, tmp_path, capsys, monkeypatch)
     assert [c for c, _ in calls] == [2, 2, 1]
     data = json.loads(out.read_text())
     assert (data["examples"], data["correct"], data["unanswered"], data["accuracy"]) == (5, 3, 0, 0.6)
-    assert [(p["id"], p["output"], p["prediction"], p["correct"]) for p in data["predictions"]] == [
+    assert [(p["id"], p["prediction"], p["extracted"], p["correct"]) for p in data["predictions"]] == [
         (f"q{i}", out, pred, ok) for i, ((_, out), pred, ok) in
         enumerate(zip(SCRIPT[:5], ["3", "4", "square", "circle", "5.5"], [True, False, True, False, True]))]
-    assert {k: (v["examples"], v["correct"]) for k, v in data["categories"].items()} == {
+    assert {k: (v["examples"], v["correct"]) for k, v in data["categories"]["category"].items()} == {
         "average": (1, 1), "counting": (2, 1), "shape": (2, 1)}
-    assert set(data["predictions"][0]) == {"id", "category", "answer_type", "question", "choices", "answer", "output",
-                                           "prediction", "correct"}
+    assert set(data["predictions"][0]) == {"id", "prediction", "extracted", "answer", "correct", "lenient_correct", "groups"}
+    assert data["benchmark"] == "deltakit" and data["lenient_accuracy"] is None
     # beside --json, each prediction was also written as it was scored (what an interrupted run keeps)
     written = [json.loads(line) for line in (tmp_path / "eval.predictions.jsonl").read_text().splitlines()]
     assert written == data["predictions"]
     rows = [" ".join(line.replace("│", " ").replace("*", " ").split()) for line in capsys.readouterr().out.splitlines()]
-    for row in ("average 1 1 100.0%", "counting 2 1 50.0%", "shape 2 1 50.0%", "all 5 3 60.0%"):
+    for row in ("average 1 1 100.0%", "counting 2 1 50.0%", "shape 2 1 50.0%", "deltakit: 3/5 = 60.0% (official rules)"):
         assert row in rows, (row, rows)
-    assert any(r.startswith("0 without a usable answer;") for r in rows)
+    assert "0 without a usable answer" in rows
 
 
 def test_cli_errors(tiny, bench, tmp_path, capsys):
@@ -185,6 +187,8 @@ def test_cli_errors(tiny, bench, tmp_path, capsys):
     bad.write_text(json.dumps(SCRIPT[0][0] | {"image": None}) + "\n" + json.dumps({"question": "q", "answer": "1", "answer_type": "list"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: answer_type 'list' is not one of"):
         load_bench(bad)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: answer_type 'list' is not one of"):
+        evaluate(tiny, bad)
     bad.write_text(json.dumps({"question": "q", "choices": ["x", "y"], "answer": "z"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: answer 'z' is neither one of the choices nor an option letter"):
         load_bench(bad)
@@ -216,7 +220,7 @@ def test_evaluates_a_merged_output(tiny, bench, tmp_path):
             if name.startswith(("model.language_model.layers.", "model.language_model.norm.")):
                 p.copy_(0.9 * p + 0.1 * text[key])
     want = reference_outputs(model, processor, items, 3)
-    assert [p["output"] for p in report.predictions] == want
+    assert [p["prediction"] for p in report.predictions] == want
     assert want != unmerged  # so an output that were the unmerged MLLM would fail
     assert [p["id"] for p in report.predictions] == [f"q{i}" for i in range(len(SCRIPT))]
 
@@ -232,12 +236,12 @@ def test_degenerate_long_number_is_scored_wrong_not_a_crash(tiny, tmp_path, monk
                {"id": "long-int", "question": "c?", "answer": "3", "answer_type": "integer"}]
     bench.write_text("".join(json.dumps(r) + "\n" for r in records))
     outputs = {"a?": "\\boxed{" + "9" * 40 + "}", "b?": "\\boxed{5.54}", "c?": "\\boxed{" + "7" * 1_000_001 + "}"}
-    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens: [outputs[i.question] for i in items])
+    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens, *a: [outputs[i.question] for i in items])
     out = tmp_path / "eval.json"
     main(["eval", str(tiny), "--data", str(bench), "--json", str(out)])
     data = json.loads(out.read_text())
     assert (data["examples"], data["correct"], data["unanswered"]) == (3, 1, 2)
-    assert [(p["id"], p["prediction"], p["correct"]) for p in data["predictions"]] == [
+    assert [(p["id"], p["extracted"], p["correct"]) for p in data["predictions"]] == [
         ("long-float", None, False), ("ok", "5.5", True), ("long-int", None, False)]
 
 
@@ -247,7 +251,7 @@ def test_interrupted_eval_keeps_the_predictions_it_made(tiny, bench, tmp_path, m
     by_question = {rec["question"]: out for rec, out in SCRIPT}
     batches = []
 
-    def generate(model, processor, items, max_new_tokens):
+    def generate(model, processor, items, max_new_tokens, *args):
         if len(batches) == 2:  # after k = 4 examples (two batches of 2), as if Ctrl-C hit during the third
             raise KeyboardInterrupt
         batches.append(len(items))
@@ -262,18 +266,29 @@ def test_interrupted_eval_keeps_the_predictions_it_made(tiny, bench, tmp_path, m
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(lines) == 4
     # Hand count of SCRIPT's first four (see test_accuracy_matches_hand_count).
-    assert [(r["id"], r["prediction"], r["correct"]) for r in lines] == [
+    assert [(r["id"], r["extracted"], r["correct"]) for r in lines] == [
         ("q0", "3", True), ("q1", "4", False), ("q2", "square", True), ("q3", "circle", False)]
-    assert set(lines[0]) == {"id", "category", "answer_type", "question", "choices", "answer", "output",
-                             "prediction", "correct"}
     assert capsys.readouterr().err.splitlines()[-1] == "aborted"
+    # --resume: the four made are kept, only the other three are generated; the result is the whole run's
+    batches.clear()
+    batches.append(None)  # no more interruptions: generate raises only when len(batches) == 2
+    batches.append(None)
+    batches.append(None)
+    with preds.open("ab") as fh:
+        fh.write(b'{"id": "q4", "predic')  # a line cut by the interruption is dropped
+    main(["eval", str(tiny), "--data", str(bench), "--batch-size", "2", "--predictions", str(preds), "--json", str(out),
+          "--resume"])
+    assert batches[3:] == [2, 1]
+    data = json.loads(out.read_text())
+    assert (data["examples"], data["correct"], data["resumed"]) == (7, 4, 4)  # hand count of SCRIPT: 4 of 7
+    assert [json.loads(line)["id"] for line in preds.read_text().splitlines()] == [f"q{i}" for i in range(7)]
 
 
 def test_predictions_file_of_a_complete_run(tiny, bench, tmp_path, monkeypatch):
     import deltakit.evaluate as ev
 
     by_question = {rec["question"]: out for rec, out in SCRIPT}
-    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens: [by_question[i.question] for i in items])
+    monkeypatch.setattr(ev, "generate", lambda model, processor, items, max_new_tokens, *a: [by_question[i.question] for i in items])
     preds = tmp_path / "preds.jsonl"
     report = evaluate(tiny, bench, batch_size=3, predictions_path=preds)
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
@@ -281,3 +296,44 @@ def test_predictions_file_of_a_complete_run(tiny, bench, tmp_path, monkeypatch):
     assert lines == report.predictions
     with pytest.raises(DeltakitError, match=r"nowhere[/\\]preds\.jsonl: cannot write predictions"):
         evaluate(tiny, bench, predictions_path=tmp_path / "nowhere" / "preds.jsonl")
+
+
+def test_sampling_thinking_and_prompt_flags(tiny, bench, tmp_path, monkeypatch):
+    # The flags reach transformers: the generation config samples at the given temperature/top-p, the chat template
+    # gets enable_thinking, and the user turn is the --prompt template filled from the record.
+    processor = transformers.AutoProcessor.from_pretrained(tiny)
+    tok, seen = processor.tokenizer, {"thinking": [], "configs": [], "prompts": []}
+    template = type(processor).apply_chat_template
+
+    def spy(self, conversation, **kwargs):
+        seen["thinking"].append(kwargs.get("enable_thinking"))
+        return template(self, conversation, **kwargs)
+
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+        seen["configs"].append(generation_config)
+        seen["prompts"] += [tok.decode(ids[m.bool()]) for ids, m in zip(input_ids, attention_mask)]
+        new = torch.tensor([tok("\\boxed{3}<|im_end|>")["input_ids"]] * len(input_ids))
+        return torch.cat([input_ids, new], dim=1)
+
+    monkeypatch.setattr(type(processor), "apply_chat_template", spy)
+    monkeypatch.setattr(QWEN_VL, "generate", generate)
+    out = tmp_path / "eval.json"
+    main(["eval", str(tiny), "--data", str(bench), "--limit", "2", "--temperature", "0.7", "--top-p", "0.9", "--seed", "5",
+          "--disable-thinking", "--prompt", "Q: {question} Go.", "--json", str(out)])
+    [cfg] = seen["configs"]
+    assert (cfg.do_sample, cfg.temperature, cfg.top_p) == (True, 0.7, 0.9)
+    assert seen["thinking"] == [False, False]
+    assert "Q: How many red shapes? Go." in seen["prompts"][0] and "Think step by step" not in seen["prompts"][0]
+    data = json.loads(out.read_text())
+    assert data["sampling"] == {"temperature": 0.7, "top_p": 0.9, "seed": 5}
+    assert data["chat_template_kwargs"] == {"enable_thinking": False}
+    assert [p["correct"] for p in data["predictions"]] == [True, False]  # \boxed{3}: q0's answer is 3, q1's is 5
+    with pytest.raises(DataError, match="--prompt names field 'nope'"):
+        evaluate(tiny, bench, prompt="{nope}")
+
+
+def test_seeded_sampling_is_reproducible(tiny, bench):
+    from deltakit.evaluate import Sampling
+
+    runs = [evaluate(tiny, bench, limit=2, max_new_tokens=3, batch_size=2, sampling=Sampling(1.5, 1.0, 7)) for _ in range(2)]
+    assert [p["prediction"] for p in runs[0].predictions] == [p["prediction"] for p in runs[1].predictions]

@@ -17,7 +17,8 @@ COMMANDS: dict[str, str] = {
     "merge": "Merge a text LLM into an MLLM's text tower (naive baselines).",
     "prior": "Export a DRIFT reasoning prior D = LLM - MLLM, or inspect one.",
     "finetune": "Fine-tune an MLLM; with --prior, bias it toward the LLM (DRIFT).",
-    "eval": "Accuracy of a model on a MathVista-style benchmark.",
+    "eval": "Generate on a benchmark (MathVista, MathVerse, MATH-Vision, ...) and score it.",
+    "score": "Score predictions made anywhere with a benchmark's official rules.",
     "demo": "The whole pipeline on tiny models, offline, in seconds.",
 }
 """Each command (module ``deltakit.cli.<name>``) with its line in ``deltakit --help``, in pipeline order."""

@@ -26,6 +26,57 @@ pickle_option = click.option("--allow-pickle", is_flag=True,
                              help="Allow .bin checkpoints (loaded with torch.load(weights_only=True)).")
 
 
+revision_option = click.option("--revision", default=None,
+                                help="Hub revision (branch, tag or commit) of a model given as org/name (or write org/name@rev).")
+
+
+def benchmark_options(fn: Callable) -> Callable:
+    """``--data --format --lenient --export-tsv``, shared by ``eval`` and ``score``; the format names come from the
+    registry's keys (no benchmark module is imported)."""
+    from deltakit.benchmarks.registry import NAMES
+
+    for option in reversed([
+        click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+                     help="The benchmark as published: parquet, JSON (+ images/), JSONL or VLMEvalKit TSV; see docs/scoring.md."),
+        click.option("--format", type=click.Choice(NAMES), default=None, help="The benchmark, when its columns do not tell."),
+        click.option("--lenient", is_flag=True,
+                     help="Also report deltakit's lenient verdict (math-verify equivalence, boxed letters, units stripped) beside the official one."),
+        click.option("--export-tsv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Also write the predictions in VLMEvalKit's format (its TSV columns minus image, plus prediction)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def print_score(report: Any, title: str) -> None:
+    """The per-category tables of a score report, the overall line (official, lenient beside it) and its caveats."""
+    from rich.table import Table
+
+    for key, groups in report.categories.items():
+        if len(groups) < 2:
+            continue
+        table = Table(title=f"{title}: by {key}")
+        for col in (key, "questions", "correct", "accuracy"):
+            table.add_column(col, justify="left" if col == key else "right")
+        for name, row in groups.items():
+            table.add_row(name, str(row["examples"]), str(row["correct"]), f"{row['accuracy']:.1%}")
+        console.print(table)
+    line = f"[bold]{report.benchmark}: {report.correct}/{report.examples} = {report.accuracy:.1%}[/bold] (official rules)"
+    if report.lenient_accuracy is not None:
+        line += f"; lenient {report.lenient_correct}/{report.examples} = {report.lenient_accuracy:.1%}"
+    console.print(line)
+    for name, value in report.metrics.get("four_dimensional", {}).items():
+        if name.startswith("score_"):
+            console.print(f"We-Math {name.removeprefix('score_')} score: {value:.1%} over "
+                          f"{report.metrics['four_dimensional']['problems']} multi-step problems")
+    console.print(f"{report.unanswered} without a usable answer" + (f"; {report.missing} questions without a prediction"
+                                                                     if report.missing else ""))
+    if report.approximation:
+        console.print(f"[yellow]note:[/yellow] {report.approximation}", highlight=False)
+    if report.repairs:
+        console.print(f"repaired data faults: {', '.join(sorted({r['id'] for r in report.repairs}))}")
+
+
 threads_option = click.option("--threads", type=int, default=None,
                               help="Reader/compute threads (default: one per core; two per core for commands that write).")
 
