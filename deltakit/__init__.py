@@ -10,6 +10,7 @@ The calls a user needs, each the Python form of one command (``docs/api.md``)::
     trainer = Trainer(..., callbacks=[deltakit.DriftCallback("prior.safetensors")])
     deltakit.finetune(deltakit.TrainConfig.from_yaml("commands/finetune-drift-qwen2.5-vl-7b.yaml"))
     deltakit.evaluate("out/drift", "bench.jsonl")
+    deltakit.score("MathVista/testmini.parquet", "predictions.jsonl")
 
 Importing ``deltakit`` imports neither torch nor transformers: each name loads its module when first used.
 """
@@ -32,6 +33,7 @@ _WHERE = {  # name -> the module defining it; merge and evaluate are modules tha
     "finetune": "deltakit.train",
     "TrainConfig": "deltakit.train",
     "evaluate": None,
+    "score": "deltakit.benchmarks",
     "open_model": "deltakit.model",
 }
 __all__ = ["__version__", *_WHERE]

@@ -5,9 +5,14 @@ tricky predictions. Every expected verdict is what the official code does; the c
   safe_equal) and evaluation/extract_answer.py (its rule steps before the GPT call);
 - MATH-Vision: mathllm/MATH-V evaluation/evaluate.py and evaluation/utils.py (find_math_answer, is_equal);
 - We-Math: We-Math/We-Math evaluation/four_dimensional_metrics.py and evaluation/accuracy.py;
-- LogicVista: Yijia-Xiao/LogicVista eval/extract_accuracy_new.py;
+- LogicVista: Yijia-Xiao/LogicVista eval/extract_accuracy.py (its README calls it extract_accuracy_new.py) and
+  eval/analyze_accuracy.py;
 - MathVerse: ZrrSkywalker/MathVerse evaluation/score_answer_s2.py (quick_match; the GPT judge is approximated);
-- VLMEvalKit: open-compass/VLMEvalKit vlmeval/dataset/image_base.py (base64 images, short index references).
+- VLMEvalKit: open-compass/VLMEvalKit vlmeval/dataset/image_base.py (base64 images, short index references; the
+  question sent as it is), image_mcq.py (WeMath.build_prompt) and utils/{mathvista,mathv,mathverse,logicvista,wemath}.py
+  (the columns each scorer reads);
+- prompts: MathVista evaluation/build_query.py (= data/query.json), MATH-V models/GPT4.py and models/Qwen-VL.py
+  (geninput), We-Math's template as VLMEvalKit's WeMath.tsv carries it (vlmeval/vlm/internvl/utils.py).
 """
 
 import base64
@@ -117,6 +122,31 @@ def test_lenient_is_beside_official(tmp_path):
     assert verdicts(bench, items, {"3": "\\boxed{3}"})["3"]["lenient_correct"] is None  # not asked: not computed
 
 
+def test_mathvista_query_built_as_published(tmp_path):
+    # The GitHub testmini.json has no `query` (it is in data/query.json); build_query.py's create_one_query
+    # (zero-shot, no caption/OCR) gives it. Expected strings: data/query.json for pids 2 and 5, verbatim.
+    recs = {"2": {"question": "what is the total volume of the measuring cup?", "image": "images/2.jpg", "choices": None,
+                  "unit": "g", "precision": None, "answer": "1000", "question_type": "free_form", "answer_type": "integer",
+                  "pid": "2", "metadata": {"task": "figure question answering"}},
+            "5": {"question": "Find $m\\angle H$", "image": "images/5.jpg", "choices": ["97", "102", "107", "122"],
+                  "unit": None, "precision": None, "answer": "97", "question_type": "multi_choice", "answer_type": "text",
+                  "pid": "5", "metadata": {"task": "geometry problem solving"}},
+            "9": {"question": "Ratio?", "image": "images/5.jpg", "choices": None, "unit": None, "precision": 2.0,
+                  "answer": "0.67", "question_type": "free_form", "answer_type": "float", "pid": "9", "metadata": {}}}
+    (tmp_path / "images").mkdir()
+    for name in ("2.jpg", "5.jpg"):
+        (tmp_path / "images" / name).write_bytes(png((1, 1, 1)))
+    (tmp_path / "testmini.json").write_text(json.dumps(recs))
+    bench, items = load(tmp_path / "testmini.json")
+    assert bench.name == "mathvista" and [i.prompt for i in items] == [
+        ("Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.\n"
+         "Question: what is the total volume of the measuring cup? (Unit: g)"),
+        ("Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.\n"
+         "Question: Find $m\\angle H$\nChoices:\n(A) 97\n(B) 102\n(C) 107\n(D) 122"),
+        ("Hint: Please answer the question requiring a floating-point number with two decimal places and provide the final "
+         "value, e.g., 1.23, 1.34, 1.45, at the end.\nQuestion: Ratio?")]
+
+
 # --- MATH-Vision -----------------------------------------------------------------------------------------------
 
 def test_mathvision_rules():
@@ -156,6 +186,36 @@ def test_mathvision_jsonl_options_and_repair(tmp_path):
     bench, items = load(write_parquet(tmp_path / "test.parquet", rows))
     assert bench.name == "mathvision" and items[0].images[0].open().getpixel((0, 0)) == (7, 7, 7)
     assert score_one(bench, items[0], "The answer is (B).")["correct"]  # " (B)." -> "b" == gt "B" lower-cased
+
+
+def test_mathvision_official_prompt(tmp_path):
+    # models/GPT4.py and models/Qwen-VL.py geninput: the instruction, f"{question}\n{options}", options as
+    # "(A) x\n" lines, omitted when ''.join(options) == 'ABCDE' (the options are drawn in the image).
+    head = ('Please solve the problem step by step and put your answer in one "\\boxed{}". If it is a multiple choice '
+            'question, only one letter is allowed in the "\\boxed{}".\n')
+    recs = [{"id": "1", "question": "Which number?\n<image1>", "options": [], "answer": "60", "level": 2, "subject": "arithmetic"},
+            {"id": "2", "question": "Which one?", "options": ["1", "2", "3", "4", "5"], "answer": "B", "level": 1, "subject": "logic"},
+            {"id": "3", "question": "Which box?", "options": ["A", "B", "C", "D", "E"], "answer": "C", "level": 1, "subject": "logic"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _, items = load(tmp_path / "test.jsonl")
+    assert [i.prompt for i in items] == [head + "Which number?\n<image1>\n",
+                                         head + "Which one?\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n(E) 5\n",
+                                         head + "Which box?\n"]
+
+
+def test_mathvision_vlmevalkit_tsv(tmp_path):
+    # VLMEvalKit's MathVision.tsv: `choices` (eval'd as a list) and `category` (the subject), utils/mathv.py
+    # post_check / MATH_V_acc; the question is sent as it is (image_base.py build_prompt).
+    b64 = base64.b64encode(png((3, 3, 3))).decode()
+    lines = ["index\timage\tquestion\tanswer\tchoices\tcategory",
+             f"1\t{b64}\tHint: x\nQuestion: Which?\nChoices:\n(A) 3\n(B) 7\tB\t['3', '7']\talgebra".replace("\n", "\\n"),
+             "2\t1\tValue?\t12\t[]\tarithmetic"]
+    (tmp_path / "MathVision.tsv").write_text("\n".join(lines) + "\n")
+    bench, items = load(tmp_path / "MathVision.tsv")
+    assert bench.name == "mathvision" and items[0].prompt == "Hint: x\\nQuestion: Which?\\nChoices:\\n(A) 3\\n(B) 7"
+    assert items[0].meta["options"] == ["3", "7"] and items[1].groups["subject"] == ["arithmetic"]
+    # evaluate.py: " (B)." at the end -> "b", is_equal lower-cases the gold "B"
+    assert score_one(bench, items[0], "so it is (B).")["correct"]
 
 
 # --- We-Math ---------------------------------------------------------------------------------------------------
@@ -201,6 +261,31 @@ def test_wemath_parquet_end_to_end(tmp_path):
     assert m["counts"]["InadequateGeneralization"] == 1 and m["score_strict"] == 0.5  # (1 - 0.5) / 1
 
 
+def test_wemath_prompt_and_vlmevalkit_tsv(tmp_path):
+    # The GitHub testmini.json record shape (We-Math/We-Math data/testmini.json), with We-Math's template
+    rec = {"ID": "2steps_1", "split": "testmini", "knowledge concept": "Length Units", "question": "OA = ( ) m",
+           "option": "A. 300;B. 400; E. No correct answer", "answer": "A", "image_path": "2steps/image/1-1.png",
+           "key": "2steps_1", "question number": 1, "knowledge concept description": "..."}
+    (tmp_path / "2steps" / "image").mkdir(parents=True)
+    (tmp_path / "2steps" / "image" / "1-1.png").write_bytes(png((4, 4, 4)))
+    (tmp_path / "testmini.json").write_text(json.dumps([rec]))
+    bench, [item] = load(tmp_path / "testmini.json")
+    assert bench.name == "wemath" and item.id == "1"
+    assert item.prompt == ("Now, we require you to solve a multiple-choice math question. Please briefly describe your thought "
+                           "process and provide the final answer(option).\nQuestion: OA = ( ) m\nOption: A. 300;B. 400; E. No "
+                           "correct answer\nRegarding the format, please answer following the template below, and be sure to "
+                           "include two <> symbols:\n<Thought process>: <<your thought process>> <Answer>: <<your option>>")
+    # VLMEvalKit's WeMath.tsv: options in columns A-H; image_mcq.py WeMath.build_prompt
+    b64 = base64.b64encode(png((4, 4, 4))).decode()
+    (tmp_path / "WeMath.tsv").write_text("index\timage\tquestion\tA\tB\tC\tanswer\tID\tkey\tknowledge concept\n"
+                                         f"7\t{b64}\tOA = ( ) m\t300\t400\t\tB\t2steps_1\t2steps_1\tLength Units\n")
+    bench, [item] = load(tmp_path / "WeMath.tsv")
+    assert bench.name == "wemath" and item.id == "7"
+    assert item.prompt == "Question: OA = ( ) m\nOptions:\nA. 300\nB. 400\n"
+    # utils/wemath.py load_and_process_data: the same rule as four_dimensional_metrics.py
+    assert score_one(bench, item, "<Thought process>: ... <Answer>: <<B>>")["correct"]
+
+
 # --- LogicVista ------------------------------------------------------------------------------------------------
 
 def test_logicvista_dataset_json(tmp_path):
@@ -214,11 +299,34 @@ def test_logicvista_dataset_json(tmp_path):
     bench, items = load(tmp_path / "dataset.json")
     assert bench.name == "logicvista" and [i.id for i in items] == ["v1_0", "v1_1", "v1_2", "v1_3"]
     v = verdicts(bench, items, {"v1_0": "The answer is \\boxed{C, A}",  # sorted set match: ["a","c"] == ["a","c"]
-                                "v1_1": "F",  # one letter outside a-e: ZZZZZ (extract_accuracy_new.py)
+                                "v1_1": "F",  # one letter outside a-e: ZZZZZ (extract_accuracy.py)
                                 "v1_2": "ASSISTANT: B",  # the text after ASSISTANT:
                                 "v1_3": "\\boxed{3}"})
     assert [r["correct"] for r in v.values()] == [True, False, True, True]
     assert v["v1_1"]["extracted"] is None
+
+
+def test_logicvista_published_schema_prompt_and_capabilities(tmp_path):
+    # data/dataset.json has broad_capability/specific_capability (no `capability`, which the eval code reads);
+    # analyze_accuracy.py counts a record for each of its nine names that str.contains finds.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "v1_0.png").write_bytes(png((0, 0, 0)))
+    rec = {"imagename": "v1_0.png", "question": "What choice (A, B, C, or D) fits?", "answer": "C", "reasoning": "",
+           "skill": ["inductive"], "broad_capability": ["diagram and ocr"], "specific_capability": ["sequence pattern"],
+           "imagesource": "x", "sourcelink": "y", "liscenced": "false"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"v1_0": rec}))
+    bench, [item] = load(tmp_path / "dataset.json")
+    assert item.prompt == "What choice (A, B, C, or D) fits?"  # VLMEvalKit/lmms-eval send the question as it is
+    assert item.groups == {"skill": ["inductive"], "capability": ["diagram", "ocr"]}
+    # free text: VLMEvalKit's can_infer_option (the one option letter among the last four words) stands in for GPT
+    assert score_one(bench, item, "Based on the pattern, the correct choice would be C.")["correct"]
+    assert score_one(bench, item, "It could be A or C, not sure")["extracted"] is None  # two letters: no one choice
+    # VLMEvalKit's LogicVista.tsv: `skill`, no capability (utils/logicvista.py)
+    b64 = base64.b64encode(png((0, 0, 0))).decode()
+    (tmp_path / "LogicVista.tsv").write_text(f"index\timage\tquestion\tanswer\tskill\n3\t{b64}\tWhich?\tB, D\t['deductive']\n")
+    bench, [item] = load(tmp_path / "LogicVista.tsv")
+    assert bench.name == "logicvista" and item.groups["skill"] == ["deductive"] and item.prompt == "Which?"
+    assert score_one(bench, item, "\\boxed{D, B}")["correct"]
 
 
 # --- MathVerse -------------------------------------------------------------------------------------------------
@@ -260,6 +368,36 @@ def test_vlmevalkit_tsv_base64_and_index_reference(tmp_path):
     (tmp_path / "bad.tsv").write_text("index\timage\tquestion\tanswer\tskill\tcapability\n1\t7\tq\tA\ts\tc\n")
     with pytest.raises(DataError, match=r"image refers to index '7', which has no image"):
         load(tmp_path / "bad.tsv")
+
+
+def test_vlmevalkit_mathvista_columns(tmp_path):
+    # VLMEvalKit's MathVista_MINI.tsv as its utils/mathvista.py reads it: `question` (the query, sent as it is),
+    # `answer` (choice text), `answer_option`, `choices`, `task`, `skills`; no precision column.
+    b64 = base64.b64encode(png((0, 0, 9))).decode()
+    lines = ["index\timage\tquestion\tanswer\tanswer_option\tchoices\tquestion_type\tanswer_type\ttask\tskills",
+             f"1\t{b64}\tHint: Please answer.\\nQuestion: Length?\t1.3\t\t\tfree_form\tfloat\tFQA\t['arithmetic reasoning']",
+             ("2\t1\tHint: pick.\\nQuestion: Which?\\nChoices:\\n(A) 120\\n(B) 145\t145\tB\t['120', '145']\tmulti_choice\ttext\tGPS\t"
+              "['geometry reasoning']")]
+    (tmp_path / "MathVista_MINI.tsv").write_text("\n".join(lines) + "\n")
+    bench, items = load(tmp_path / "MathVista_MINI.tsv")
+    assert bench.name == "mathvista" and items[0].prompt == "Hint: Please answer.\\nQuestion: Length?"
+    assert items[0].meta["precision"] == 1.0  # the gold's decimals, as every float answer of testmini
+    # calculate_score.py: str(round(1.34, 1)) = "1.3" == "1.3"; round(1.36, 1) = "1.4" != "1.3"
+    assert [score_one(bench, items[0], p)["correct"] for p in ("1.34", "1.36")] == [True, False]
+    assert (items[1].groups["task"], items[1].groups["skills"]) == (["GPS"], ["geometry reasoning"])
+    assert score_one(bench, items[1], "\\boxed{(B)}")["correct"]  # normalize_extracted_answer: (B) -> "145" == answer
+
+
+def test_vlmevalkit_mathverse_metadata_text(tmp_path):
+    # VLMEvalKit's MathVerse TSV keeps `metadata` as Python text (utils/mathverse.py parses it for subject/subfield)
+    b64 = base64.b64encode(png((0, 9, 0))).decode()
+    meta = str({"split": "testmini", "subject": "Plane Geometry", "subfield": "Angle"})
+    (tmp_path / "MathVerse_MINI.tsv").write_text(
+        "index\timage\tquestion\tquery_cot\tanswer\tquestion_type\tproblem_version\tmetadata\n"
+        f"1\t{b64}\tQ plain\tQ think\tB\tmulti-choice\tVision Only\t{meta}\n")
+    bench, [item] = load(tmp_path / "MathVerse_MINI.tsv")
+    assert bench.name == "mathverse" and item.prompt == "Q think"
+    assert item.groups == {"problem_version": ["Vision Only"], "subject": ["Plane Geometry"], "subfield": ["Angle"]}
 
 
 def test_detection_and_format_errors(tmp_path):

@@ -65,3 +65,20 @@ def plain(rec: dict[str, Any]) -> dict[str, Any]:
             v = v.tolist()
         out[k] = v
     return out
+
+
+def vlmevalkit(rec: dict[str, Any]) -> bool:
+    """Whether a record is a row of a VLMEvalKit TSV (its ``index`` column; no published file of the benchmarks has one)."""
+    return "index" in rec
+
+
+def metadata(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``metadata``: a dict (parquet, JSON) or, in a VLMEvalKit TSV, its Python text (VLMEvalKit's
+    ``utils/mathverse.py`` reads it the same way); {} when absent or unreadable."""
+    meta = rec.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = ast.literal_eval(meta)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return {}
+    return meta if isinstance(meta, dict) else {}

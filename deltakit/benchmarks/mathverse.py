@@ -17,7 +17,7 @@ from typing import Any
 
 from deltakit.answers import extract_answer, lenient_equal, strip_units
 from deltakit.benchmarks.core import Benchmark, Item, Scored
-from deltakit.benchmarks._common import plain, text, values
+from deltakit.benchmarks._common import metadata, plain, text, values
 from deltakit.benchmarks.files import images_of
 from deltakit.benchmarks.mathcheck import equivalent
 
@@ -44,7 +44,7 @@ class MathVerse(Benchmark):
         return "problem_version" in columns or "query_cot" in columns
 
     def item(self, rec: dict[str, Any], base: Path, where: str) -> Item:
-        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+        meta = metadata(rec)  # a dict, or in VLMEvalKit's TSV its Python text
         question = text(rec, "question", where)
         return Item(id=self.id_of(rec, where), question=question, answer=text(rec, "answer", where),
                     prompt=text(rec, "query_cot", where, required=False) or question, images=images_of(rec, base, where),

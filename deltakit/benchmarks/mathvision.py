@@ -9,6 +9,14 @@ the value comes from latex2sympy2_extended (math-verify's LaTeX parser) and symp
 a time-bounded helper process (:mod:`deltakit.benchmarks.mathcheck`). A gold answer or option holding the
 form feed ``\\x0c`` where ``\\f`` (of ``\\frac``) was meant, a known data fault, is repaired and listed in
 the report's ``repairs``.
+
+The prompt is the benchmark's own chain-of-thought prompt, ``geninput`` of ``models/GPT4.py`` and
+``models/Qwen-VL.py`` (the repository's inference scripts; ``evaluation/`` has none): the instruction to box the
+answer (one letter for a multiple-choice question), the question, and the five options as ``(A) ...`` lines,
+left out when the options are the bare letters ``A``-``E`` (the choices are drawn in the image). For
+VLMEvalKit's ``MathVision.tsv`` the prompt is its ``question`` as it is (VLMEvalKit's ``MathVision`` sends it
+unchanged: ``vlmeval/dataset/image_base.py`` ``build_prompt``); that file names the subject ``category`` and
+holds the options as ``choices`` (``vlmeval/dataset/utils/mathv.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 
 from deltakit.answers import extract_answer, lenient_equal
 from deltakit.benchmarks.core import Benchmark, Item, Scored
-from deltakit.benchmarks._common import plain, str_list, text, values
+from deltakit.benchmarks._common import plain, str_list, text, values, vlmevalkit
 from deltakit.benchmarks.files import images_of
 from deltakit.benchmarks.mathcheck import numeric_value
 
@@ -185,6 +193,20 @@ def find_math_answer(s: str) -> str:
     return _strip_string(ans)
 
 
+PROMPT = ('Please solve the problem step by step and put your answer in one "\\boxed{}". If it is a multiple choice '
+          'question, only one letter is allowed in the "\\boxed{}".\n')
+"""models/GPT4.py and models/Qwen-VL.py ``geninput``: the instruction before ``f"{question}\\n{options}"``."""
+
+
+def build_prompt(question: str, options: list[str]) -> str:
+    """``geninput`` of models/GPT4.py and models/Qwen-VL.py: :data:`PROMPT`, the question, and the options as
+    ``(A) ...\\n`` lines unless they are the bare letters ``ABCDE`` (the official code asserts five options)."""
+    opts = ""
+    if options and "".join(options) != "ABCDE":
+        opts = "".join(f"({chr(ord('A') + i)}) {o}\n" for i, o in enumerate(options))
+    return PROMPT + f"{question}\n{opts}"
+
+
 def model_answer(response: str) -> str:
     """evaluate.py's extraction of ``model_answer`` from a response, step by step as the official loop."""
     model_answer = response.strip()
@@ -221,7 +243,8 @@ class MathVision(Benchmark):
 
     @classmethod
     def detect(cls, columns: set[str]) -> bool:
-        return {"level", "subject", "answer"} <= columns and "problem_version" not in columns
+        return ({"level", "subject", "answer"} <= columns or {"category", "choices", "answer"} <= columns) and not (
+            {"problem_version", "question_type"} & columns)  # the HF/GitHub files; VLMEvalKit's MathVision.tsv
 
     def _repair(self, value: str, item_id: str, field: str) -> str:
         if "\x0c" in value:
@@ -236,13 +259,9 @@ class MathVision(Benchmark):
         options = [self._repair(o, item_id, "options") for o in options]
         answer = self._repair(text(rec, "answer", where), item_id, "answer")
         question = text(rec, "question", where)
-        lines = [question]
-        if options:
-            lines += ["Choices:", *(f"({chr(65 + i)}) {o}" for i, o in enumerate(options))]
-            lines.append("Answer with the option's letter from the given choices.")
-        lines.append("Put the final answer in \\boxed{}.")
-        return Item(id=item_id, question=question, answer=answer, prompt="\n".join(lines), images=images_of(rec, base, where),
-                    groups={"subject": values(rec.get("subject")), "level": values(rec.get("level"))},
+        prompt = question if vlmevalkit(rec) else build_prompt(question, options)
+        return Item(id=item_id, question=question, answer=answer, prompt=prompt, images=images_of(rec, base, where),
+                    groups={"subject": values(rec.get("subject", rec.get("category"))), "level": values(rec.get("level"))},
                     meta={"options": options}, record=plain(rec), where=where)
 
     def score(self, item: Item, prediction: str, lenient: bool = False) -> Scored:

@@ -7,6 +7,13 @@ Scoring ports ``lupantech/MathVista`` ``evaluation/calculate_score.py`` (``norma
 ``int``/``float`` response, the quick-extract pattern ``The answer is "..."``). The GPT extraction that
 follows them is replaced by deltakit's rule extraction (:func:`deltakit.answers.extract_answer`: the text
 after ``</think>``, the last ``\\boxed{}``, else a final-answer phrase).
+
+The prompt is the record's ``query`` (the HF parquet); for the GitHub ``testmini.json``, which keeps its
+queries apart in ``data/query.json``, the same query is built by :func:`build_query` (``evaluation/build_query.py``,
+zero-shot); for VLMEvalKit's TSV, which has no ``query``, its ``question`` as it is (VLMEvalKit sends it
+unchanged, ``vlmeval/dataset/image_base.py`` ``build_prompt``, and its ``utils/mathvista.py`` puts it where
+MathVista's ``extract_answer.py`` puts ``query``). VLMEvalKit's TSV has no ``precision`` column either: a float
+answer's precision is then its number of decimals, as it is for every float answer of testmini.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from Levenshtein import distance
 
 from deltakit.answers import extract_answer, lenient_equal
 from deltakit.benchmarks.core import Benchmark, Item, Scored
-from deltakit.benchmarks._common import plain, str_list, text, values
+from deltakit.benchmarks._common import metadata, plain, str_list, text, values, vlmevalkit
 from deltakit.benchmarks.files import images_of
 from deltakit.data import DataError
 
@@ -96,24 +103,39 @@ def extract(response: str, question_type: str, answer_type: str, choices: list[s
     return extract_answer(response)
 
 
-def default_prompt(question: str, choices: list[str] | None, answer_type: str, precision: Any, unit: str | None) -> str:
-    """A prompt for a record without MathVista's own ``query``: question, lettered choices and a format hint."""
-    lines = [question]
-    if choices:
-        lines += ["Choices:", *(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))]
-        lines.append("Answer with the option's letter from the given choices.")
-    elif answer_type == "integer":
-        lines.append("Answer with an integer.")
-    elif answer_type == "float":
-        lines.append(f"Answer with a number with {int(float(precision or 1))} decimal place(s).")
-    elif answer_type == "list":
-        lines.append("Answer with a Python list.")
+HINTS = {
+    "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
+    "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.",
+    ("float", 1): "Hint: Please answer the question requiring a floating-point number with one decimal place and provide the "
+                  "final value, e.g., 1.2, 1.3, 1.4, at the end.",
+    ("float", 2): "Hint: Please answer the question requiring a floating-point number with two decimal places and provide the "
+                  "final value, e.g., 1.23, 1.34, 1.45, at the end.",
+    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, e.g., "
+            "[1, 2, 3], [1.2, 1.3, 1.4], at the end.",
+}
+"""build_query.py's hint texts (``shot_type="solution"``), by question or answer type."""
+
+
+def build_query(question: str, choices: list[str] | None, unit: str | None, question_type: str, answer_type: str,
+                precision: float | None) -> str:
+    """MathVista's published ``query`` (``data/query.json``, the parquet's ``query``): build_query.py's
+    ``create_one_query`` zero-shot, without caption or OCR: hint, ``Question: ...`` (`` (Unit: u)``), ``Choices:``."""
+    if question_type == "multi_choice":
+        hint = HINTS["multi_choice"]
+    elif answer_type == "float":  # the official code has hints for precision 1 and 2 only, all testmini has
+        n = int(precision or 0)
+        hint = HINTS.get(("float", n)) or (f"Hint: Please answer the question requiring a floating-point number with {n} "
+                                           "decimal places and provide the final value at the end.")
     else:
-        lines.append("Answer with a word or a short phrase.")
-    if unit:
-        lines.append(f"(unit: {unit})")
-    lines.append("Give the final answer in \\boxed{}.")
-    return "\n".join(lines)
+        hint = HINTS.get(answer_type, "")
+    question_text = f"Question: {question}" + (f" (Unit: {unit})" if unit else "")
+    choices_text = "\n".join(["Choices:", *(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices))]) if choices else ""
+    return "\n".join(e for e in (hint, question_text, choices_text) if e).strip()
+
+
+def decimals(answer: str) -> int:
+    """The number of decimals of a float answer as written (``"1.25"`` -> 2): its precision where none is given."""
+    return len(answer.split(".", 1)[1]) if "." in answer else 0
 
 
 class MathVista(Benchmark):
@@ -126,10 +148,10 @@ class MathVista(Benchmark):
 
     @classmethod
     def detect(cls, columns: set[str]) -> bool:
-        return {"question_type", "answer_type", "precision"} <= columns and "problem_version" not in columns
+        return {"question_type", "answer_type"} <= columns and "problem_version" not in columns  # TSV: no precision
 
     def item(self, rec: dict[str, Any], base: Path, where: str) -> Item:
-        meta = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+        meta = metadata(rec)
         choices = str_list(rec.get("choices"), where, "choices")
         qt, at = text(rec, "question_type", where), text(rec, "answer_type", where)
         p = text(rec, "precision", where, required=False)  # JSON float, parquet float/None, TSV text ("1.0")
@@ -139,10 +161,14 @@ class MathVista(Benchmark):
             raise DataError(f"{where}: 'precision' must be a number, got {p!r}") from None
         unit = text(rec, "unit", where, required=False)
         question = text(rec, "question", where)
+        answer = text(rec, "answer", where)
+        if precision is None and at == "float":
+            precision = float(decimals(answer))
         groups = {k: values(rec.get(k, meta.get(k))) for k in GROUPS}
         query = text(rec, "query", where, required=False)
-        return Item(id=self.id_of(rec, where), question=question, answer=text(rec, "answer", where),
-                    prompt=query or default_prompt(question, choices, at, precision, unit),
+        if query is None:
+            query = question if vlmevalkit(rec) else build_query(question, choices, unit, qt, at, precision)
+        return Item(id=self.id_of(rec, where), question=question, answer=answer, prompt=query,
                     images=images_of(rec, base, where), groups={k: v for k, v in groups.items() if v},
                     meta={"choices": choices, "question_type": qt, "answer_type": at, "precision": precision, "unit": unit},
                     record=plain(rec), where=where)

@@ -10,17 +10,27 @@ complete mastery CM, rote memorisation RM, strict and loose) with the score
 ``(N - 0.5 IG - RM - IK) / N`` over the N two- and three-step problems (the official code writes N = 525,
 the testmini count; here N is counted, which is 525 on the full testmini), plus accuracy.py's one-, two-
 and three-step accuracies. No GPT is involved.
+
+The prompt is We-Math's answer template, the one its ``<Answer>`` rule is written for (:data:`PROMPT`). The
+We-Math repository does not print it (its README: "our prompt specifies the format of answer generation");
+its wording is fixed by VLMEvalKit's ``WeMath.tsv``, whose questions end in that format sentence (VLMEvalKit's
+``vlmeval/vlm/internvl/utils.py`` ``build_mpo_prompt`` removes exactly ``Regarding the format, ... <Answer>:
+<<your option>>`` from them). For that TSV the prompt is VLMEvalKit's ``WeMath.build_prompt``
+(``vlmeval/dataset/image_mcq.py``): ``Hint:`` when given, ``Question: {question}``, and ``Options:`` from its
+``A``-``H`` columns as ``A. text`` lines. Its rows are scored by the same rule (VLMEvalKit's
+``utils/wemath.py`` ``load_and_process_data``, its default ``exact_matching``).
 """
 
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Any
 
 from deltakit.answers import extract_answer
 from deltakit.benchmarks.core import Benchmark, Item, Scored
-from deltakit.benchmarks._common import plain, text, values
+from deltakit.benchmarks._common import plain, text, values, vlmevalkit
 from deltakit.benchmarks.files import images_of
 from deltakit.data import DataError
 
@@ -28,6 +38,16 @@ PROMPT = ("Now, we require you to solve a multiple-choice math question. Please 
           "and provide the final answer(option).\nQuestion: {question}\nOption: {option}\nRegarding the format, please "
           "answer following the template below, and be sure to include two <> symbols:\n<Thought process>: <<your "
           "thought process>> <Answer>: <<your option>>")
+
+
+def vlmevalkit_prompt(rec: dict[str, Any], question: str) -> str:
+    """VLMEvalKit's ``WeMath.build_prompt`` (the ``WeMath`` dataset; ``WeMath_COT`` adds its ``requirement``)."""
+    options = {c: rec[c] for c in string.ascii_uppercase if rec.get(c) is not None}
+    prompt = f"Hint: {rec['hint']}\n" if rec.get("hint") is not None else ""
+    prompt += f"Question: {question}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+    return prompt
 
 
 def processed_answer(response: str) -> str | None:
@@ -108,7 +128,8 @@ class WeMath(Benchmark):
         question = text(rec, "question", where)
         option = text(rec, "option", where, required=False) or ""
         return Item(id=self.id_of(rec, where), question=question, answer=text(rec, "answer", where).strip(),
-                    prompt=PROMPT.format(question=question, option=option), images=images_of(rec, base, where),
+                    prompt=vlmevalkit_prompt(rec, question) if vlmevalkit(rec) else PROMPT.format(question=question, option=option),
+                    images=images_of(rec, base, where),
                     groups={"key": [str(rec.get("key", "")).split("_")[0]] if rec.get("key") else [],
                             "knowledge concept": values(rec.get("knowledge concept"))},
                     meta={"ID": text(rec, "ID", where, required=False) or "", "key": text(rec, "key", where, required=False) or ""},
