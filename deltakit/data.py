@@ -16,18 +16,19 @@ included, and the template's end-of-turn token) are trained, every other positio
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from deltakit.errors import DeltakitError
+from deltakit.train.config import CUTOFF_POLICIES
 
 IGNORE = -100
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -207,13 +208,36 @@ def load_examples(path: str | os.PathLike) -> list[Example]:
     return out
 
 
-def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    """``messages`` through the processor's (or tokenizer's) own chat template, as text."""
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(processor: Any, messages: list[dict[str, Any]], add_generation_prompt: bool, **template_kwargs: Any) -> str:
+    """``messages`` through the processor's (or tokenizer's) own chat template, as text; ``template_kwargs`` go to the
+    template (e.g. ``enable_thinking=False`` for Qwen3)."""
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs)
 
 
 def _n_images(messages: list[dict[str, Any]]) -> int:
     return sum(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"])
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example after the processor: ``item`` (None when dropped), ``status`` (``kept``, ``truncated``,
+    ``dropped_long``, ``dropped_prompt``, ``dropped_image``), the tokens and trained tokens the cutoff removed,
+    and for a dropped example the reason as one line."""
+
+    item: dict[str, torch.Tensor] | None
+    status: str
+    tokens_cut: int = 0
+    targets_cut: int = 0
+    reason: str = ""
+
+
+def _token_index(starts: list[int], ends: list[int], char: int, where: str, turn: int) -> int:
+    """How many tokens of the unexpanded text lie before character ``char``; a token across it is an error."""
+    k = bisect.bisect_left(starts, char)
+    if k and ends[k - 1] > char:
+        raise DataError(f"{where}: assistant turn {turn} does not tokenise the same alone as in the conversation "
+                        "(a token spans the turn boundary)")
+    return k
 
 
 class SFTDataset(Sequence):
@@ -221,58 +245,147 @@ class SFTDataset(Sequence):
 
     Item ``i`` is a dict of tensors: ``input_ids`` and ``labels`` (1-D, same length; ``labels`` is
     ``-100`` except on assistant tokens), and what the processor adds for images (``pixel_values``,
-    ``image_grid_thw``, ``mm_token_type_ids`` for Qwen-VL). An assistant turn's trained tokens are found
-    by rendering the conversation up to it with the generation prompt (its start) and up to its end
-    (trailing whitespace after the end-of-turn token removed): both must be token prefixes of the whole.
+    ``image_grid_thw``, ``mm_token_type_ids`` for Qwen-VL). The processor runs once per example: an
+    assistant turn's characters are located in the rendered conversation (it starts where the conversation
+    up to it, rendered with the generation prompt, ends, and ends where the conversation up to its end ends,
+    trailing whitespace removed; both must be text prefixes of the whole), and mapped to tokens with the
+    tokenizer's character offsets; each image placeholder stands for the run of image tokens the processor
+    expanded it to. A processor that expands images otherwise is handled by encoding the two prefixes too.
 
-    ``max_length`` truncates on the right (the end of the conversation is dropped); an example whose image
-    tokens would be cut raises :class:`DataError`, since image features and placeholders must match.
+    ``max_length`` (``--cutoff-len``) with ``cutoff_policy`` ``truncate`` cuts inside an answer, or drops whole
+    turns after the last answer that fits; an example whose prompt or image tokens would be cut cannot be
+    used (:meth:`encode` says so, indexing raises :class:`DataError`). ``drop`` refuses every longer example.
+    ``template_kwargs`` go to the chat template (``enable_thinking`` for Qwen3).
     """
 
-    def __init__(self, examples: Sequence[Example], processor: Any, max_length: int | None = None):
+    def __init__(self, examples: Sequence[Example], processor: Any, max_length: int | None = None,
+                 cutoff_policy: str = "truncate", template_kwargs: dict[str, Any] | None = None):
+        if cutoff_policy not in CUTOFF_POLICIES:
+            raise ValueError(f"cutoff_policy must be one of {', '.join(CUTOFF_POLICIES)}, not {cutoff_policy!r}")
         self.examples = list(examples)
         self.processor = processor
         self.max_length = max_length
-        tokenizer = getattr(processor, "tokenizer", processor)
+        self.cutoff_policy = cutoff_policy
+        self.template_kwargs = dict(template_kwargs or {})
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.vision_ids = {i for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None),
-                                       getattr(tokenizer, "image_token_id", None)) if i is not None}
+                                       getattr(self.tokenizer, "image_token_id", None)) if i is not None}
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        encoded = self.encode(index)
+        if encoded.item is None:
+            raise DataError(encoded.reason)
+        return encoded.item
 
     def _encode(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         kwargs = {"images": images} if images else {}
         return self.processor(text=[text], return_tensors="pt", **kwargs)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ex = self.examples[index]
-        images = [open_image(p, ex.where) for p in ex.images]
-        full = render(self.processor, ex.messages, add_generation_prompt=False)
-        enc = self._encode(full, images)
-        ids = enc["input_ids"][0]
-        labels = torch.full_like(ids, IGNORE)
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return render(self.processor, messages, add_generation_prompt, **self.template_kwargs)
+
+    def _char_spans(self, ex: Example) -> tuple[str, list[tuple[int, int, int]]]:
+        """The rendered conversation and ``(turn, start, end)`` character spans of its assistant turns."""
+        full = self._render(ex.messages, add_generation_prompt=False)
+        spans = []
         for turn, msg in enumerate(ex.messages):
             if msg["role"] != "assistant":
                 continue
-            head = render(self.processor, ex.messages[:turn], add_generation_prompt=True)
-            upto = render(self.processor, ex.messages[:turn + 1], add_generation_prompt=False).rstrip()
+            head = self._render(ex.messages[:turn], add_generation_prompt=True)
+            upto = self._render(ex.messages[:turn + 1], add_generation_prompt=False).rstrip()
             if not (full.startswith(upto) and upto.startswith(head)):
+                hint = ""
+                if self.template_kwargs.get("enable_thinking") is False and "<think>" in str(msg["content"]):
+                    hint = " (the answer has <think> reasoning but enable_thinking is off; turn it on or remove the reasoning)"
+                elif upto.startswith(head):
+                    hint = " (the template renders earlier turns differently, e.g. Qwen3 drops their reasoning: " \
+                           "give one example per assistant turn)"
                 raise DataError(f"{ex.where}: the chat template does not render assistant turn {turn} as a prefix "
-                                "of the conversation, so its tokens cannot be located")
+                                f"of the conversation, so its tokens cannot be located{hint}")
+            spans.append((turn, len(head), len(upto)))
+        return full, spans
+
+    def _token_spans(self, ids: torch.Tensor, full: str, spans: list[tuple[int, int, int]], where: str) -> list[tuple[int, int]] | None:
+        """Token spans of the character spans from the tokenizer's offsets of ``full``; None when the processor's
+        image expansion is not a run of the placeholder token (then :meth:`_encoded_spans` is used)."""
+        plain = self.tokenizer(full, return_offsets_mapping=True)
+        unexpanded, offsets = plain["input_ids"], plain["offset_mapping"]
+        runs: list[int] = []  # collapse each run of one vision token to a single placeholder
+        collapsed: list[int] = []
+        for t in ids.tolist():
+            if t in self.vision_ids and collapsed and collapsed[-1] == t and runs[-1] > 0:
+                runs[-1] += 1
+                continue
+            collapsed.append(t)
+            runs.append(1 if t in self.vision_ids else 0)
+        if collapsed != list(unexpanded):
+            return None
+        extra = [0]
+        for r in runs:
+            extra.append(extra[-1] + max(r - 1, 0))
+        starts, ends = [s for s, _ in offsets], [e for _, e in offsets]
+        out = []
+        for turn, s, e in spans:
+            a, b = _token_index(starts, ends, s, where, turn), _token_index(starts, ends, e, where, turn)
+            out.append((a + extra[a], b + extra[b]))
+        return out
+
+    def _encoded_spans(self, ids: torch.Tensor, ex: Example, images: list[Image.Image]) -> list[tuple[int, int]]:
+        """Token spans by encoding the conversation up to each turn's start and end with their images (any processor)."""
+        out = []
+        for turn, msg in enumerate(ex.messages):
+            if msg["role"] != "assistant":
+                continue
+            head = self._render(ex.messages[:turn], add_generation_prompt=True)
+            upto = self._render(ex.messages[:turn + 1], add_generation_prompt=False).rstrip()
             start = self._encode(head, images[:_n_images(ex.messages[:turn])])["input_ids"][0]
             end = self._encode(upto, images[:_n_images(ex.messages[:turn + 1])])["input_ids"][0]
             if not (torch.equal(ids[:len(end)], end) and torch.equal(end[:len(start)], start)):
                 raise DataError(f"{ex.where}: assistant turn {turn} does not tokenise the same alone as in the "
                                 "conversation (a token spans the turn boundary)")
-            labels[len(start):len(end)] = ids[len(start):len(end)]
+            out.append((len(start), len(end)))
+        return out
+
+    def encode(self, index: int) -> Encoded:
+        """Example ``index`` through the processor, with its labels and the cutoff policy applied."""
+        ex = self.examples[index]
+        images = [open_image(p, ex.where) for p in ex.images]
+        full, char_spans = self._char_spans(ex)
+        enc = self._encode(full, images)
+        ids = enc["input_ids"][0]
+        spans = self._token_spans(ids, full, char_spans, ex.where)
+        if spans is None:
+            spans = self._encoded_spans(ids, ex, images)
+        labels = torch.full_like(ids, IGNORE)
+        for a, b in spans:
+            labels[a:b] = ids[a:b]
         item = {"input_ids": ids, "labels": labels}
         item.update({k: v[0] if k in _TOKEN_KEYS else v for k, v in enc.items() if k not in ("input_ids", "attention_mask")})
-        if self.max_length is not None and len(ids) > self.max_length:
-            if any(int(t) in self.vision_ids for t in ids[self.max_length:]):
-                raise DataError(f"{ex.where}: {len(ids)} tokens and max_length {self.max_length} would cut an image's "
-                                "tokens; raise max_length or use smaller images")
-            item.update({k: item[k][:self.max_length] for k in _TOKEN_KEYS if k in item})
-        return item
+        return self._cut(item, spans, ex.where)
+
+    def _cut(self, item: dict[str, torch.Tensor], spans: list[tuple[int, int]], where: str) -> Encoded:
+        """Apply ``max_length`` and the cutoff policy (``docs/data.md``, "Cutoff")."""
+        ids, limit = item["input_ids"], self.max_length
+        if limit is None or len(ids) <= limit:
+            return Encoded(item, "kept")
+        n = len(ids)
+        if self.cutoff_policy == "drop":
+            return Encoded(None, "dropped_long", n, int((item["labels"] != IGNORE).sum()),
+                           f"{where}: {n} tokens, longer than the cutoff {limit} (cutoff policy drop)")
+        inside = any(a < limit < b for a, b in spans)
+        cut = limit if inside else max((b for a, b in spans if b <= limit), default=0)
+        targets = int((item["labels"] != IGNORE).sum())
+        if cut == 0:
+            return Encoded(None, "dropped_prompt", n, targets,
+                           f"{where}: {n} tokens and cutoff {limit} would cut the prompt before the first answer; raise the cutoff")
+        if any(int(t) in self.vision_ids for t in ids[cut:]):
+            return Encoded(None, "dropped_image", n, targets,
+                           f"{where}: {n} tokens and cutoff {limit} would cut an image's tokens; raise the cutoff or use smaller images")
+        item.update({k: item[k][:cut] for k in _TOKEN_KEYS if k in item})
+        return Encoded(item, "truncated", n - cut, targets - int((item["labels"] != IGNORE).sum()))
 
 
 def pad_id(processor: Any) -> int:
@@ -301,118 +414,3 @@ def collate(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torc
     for key in dict.fromkeys(k for b in batch for k in b if k not in _TOKEN_KEYS):
         out[key] = torch.cat([b[key] for b in batch if key in b])
     return out
-
-
-_COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60), "yellow": (235, 200, 30)}
-_SHAPES = ("circle", "square", "triangle")
-
-
-@dataclass(frozen=True)
-class DemoData:
-    """Where :func:`write_demo_data` put the training JSONL (sharegpt), the evaluation JSONL (MathVista-style) and the images."""
-
-    train: Path
-    bench: Path
-    images: Path
-    n_train: int
-    n_bench: int
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color: tuple[int, int, int]) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        draw.ellipse(box, fill=color)
-    elif kind == "square":
-        draw.rectangle(box, fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def _demo_item(rng: random.Random, task: str) -> tuple[Image.Image, dict[str, Any], str]:
-    """One synthetic problem of ``task``: the image, its MathVista-style record (no id/image yet), the reasoning."""
-    from PIL import ImageFont
-
-    if task == "counting":
-        img = Image.new("RGB", (112, 112), "white")
-        draw = ImageDraw.Draw(img)
-        cells = sorted(rng.sample(range(9), rng.randint(2, 6)))  # listed in reading order
-        shapes = [(rng.choice(list(_COLORS)), rng.choice(_SHAPES)) for _ in cells]
-        for cell, (color, kind) in zip(cells, shapes):
-            x, y = 37 * (cell % 3) + 4, 37 * (cell // 3) + 4
-            _draw_shape(draw, kind, (x, y, x + 29, y + 29), _COLORS[color])
-        target = rng.choice(shapes)[0]
-        n = sum(c == target for c, _ in shapes)
-        listing = ", ".join(f"a {c} {k}" for c, k in shapes)
-        return img, {"question": f"How many {target} shapes are there in the image?", "answer": str(n),
-                     "answer_type": "integer", "category": "counting"}, \
-            f"I look at each shape: {listing}. The {target} ones: {n}."
-    if task in ("digits", "average"):
-        img = Image.new("RGB", (112, 56), "white")
-        draw = ImageDraw.Draw(img)
-        font = ImageFont.load_default(size=30)
-        if task == "digits":
-            n = rng.randint(10, 999)
-            draw.text((8, 10), str(n), fill="black", font=font)
-            digits = ", ".join(str(n))
-            return img, {"question": "What number is written in the image?", "answer": str(n),
-                         "answer_type": "integer", "category": "digits"}, \
-                f"The digits from left to right are {digits}. So the number is {n}."
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-        draw.text((8, 10), f"{a}  {b}", fill="black", font=font)
-        mean = (a + b) / 2
-        return img, {"question": "What is the average of the two numbers in the image?", "answer": f"{mean:.1f}",
-                     "answer_type": "float", "precision": 1, "category": "average"}, \
-            f"The numbers are {a} and {b}. Their sum is {a + b}, and {a + b} / 2 = {mean:.1f}."
-    img = Image.new("RGB", (56, 56), "white")
-    color, kind = rng.choice(list(_COLORS)), rng.choice(_SHAPES)
-    _draw_shape(ImageDraw.Draw(img), kind, (6, 6, 50, 50), _COLORS[color])
-    if task == "color":
-        return img, {"question": "What color is the shape?", "answer": color, "answer_type": "text", "category": "color"}, \
-            f"The image shows one shape, a {color} {kind}. Its color is {color}."
-    choices = list(_SHAPES)
-    rng.shuffle(choices)
-    letter = "ABC"[choices.index(kind)]
-    return img, {"question": "Which shape is in the image?", "choices": choices, "answer": kind,
-                 "answer_type": "multi_choice", "category": "shape"}, \
-        f"The image shows one {color} {kind}. Among the choices that is option ({letter})."
-
-
-DEMO_TASKS = ("counting", "digits", "average", "color", "shape")
-
-
-def write_demo_data(folder: str | os.PathLike, n: int = 64, seed: int = 0, n_bench: int | None = None) -> DemoData:
-    """Write a small synthetic multimodal chain-of-thought dataset into ``folder``.
-
-    Five tasks on generated images (counting colored shapes, reading a number, averaging two numbers,
-    naming a color, picking a shape among choices), cycled in order. ``train.jsonl`` (``n`` records,
-    sharegpt: ``messages`` with an ``<image>`` placeholder and ``images``) has answers of the form
-    ``<think>reasoning</think> The answer is \\boxed{X}`` (X the option letter for multiple choice);
-    its prompts are the ones ``deltakit eval`` builds. ``bench.jsonl`` (``n_bench`` records, default
-    ``max(10, n // 4)``, drawn after the training records from the same generator) is MathVista-style for
-    ``deltakit eval``. Deterministic for a seed.
-    """
-    from deltakit.evaluate import BenchItem, build_prompt
-
-    root = Path(folder)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    n_bench = max(10, n // 4) if n_bench is None else n_bench
-    rng = random.Random(seed)
-    files = {"train.jsonl": [], "bench.jsonl": []}
-    for split, count in (("train", n), ("bench", n_bench)):
-        for i in range(count):
-            img, rec, think = _demo_item(rng, DEMO_TASKS[i % len(DEMO_TASKS)])
-            name = f"images/{split}-{i:05d}.png"
-            img.save(root / name)
-            rec = {"id": f"{split}-{i}", "image": name, **rec}
-            if split == "bench":
-                files["bench.jsonl"].append(rec)
-                continue
-            item = BenchItem.from_record(rec, root, f"{root / 'train.jsonl'}:{i + 1}")
-            final = "ABC"[rec["choices"].index(rec["answer"])] if rec.get("choices") else rec["answer"]
-            files["train.jsonl"].append({
-                "messages": [{"role": "user", "content": "<image>" + build_prompt(item)},
-                             {"role": "assistant", "content": f"<think>{think}</think> The answer is \\boxed{{{final}}}."}],
-                "images": [name]})
-    for name, records in files.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return DemoData(root / "train.jsonl", root / "bench.jsonl", root / "images", n, n_bench)

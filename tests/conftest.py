@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import pytest
 import torch
 
 from deltakit.tiny import save_tiny
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory) -> None:
+    """Fine-tuning data caches go to the session's temporary folder, never to the user's ~/.cache/deltakit."""
+    os.environ["DELTAKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
 
 
 @pytest.fixture(scope="session")

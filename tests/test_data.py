@@ -9,7 +9,8 @@ import torch
 import transformers
 from PIL import Image
 
-from deltakit.data import DataError, SFTDataset, collate, load_examples, write_demo_data
+from deltakit.data import DataError, SFTDataset, collate, load_examples
+from deltakit.demo.samples import write_demo_data
 from deltakit.evaluate import evaluate, load_bench
 from deltakit.tiny import SPECIAL, VOCAB, save_tiny
 from deltakit.tiny_processor import save_tiny_processor

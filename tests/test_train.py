@@ -249,7 +249,7 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
 def test_cli_end_to_end_on_real_data_and_prior(base, tmp_path, capsys):
     # The real path: processor + chat template on a sharegpt JSONL with images, a prior file from `deltakit prior`.
     from deltakit.cli import main
-    from deltakit.data import write_demo_data
+    from deltakit.demo.samples import write_demo_data
     from deltakit.prior import export_prior
     from deltakit.tiny import save_partner_llm
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deltakit.cli._common import console, json_option, progress_bar, write_json
 from deltakit.drift_rules import RULES
-from deltakit.train.config import BIAS_AT, BIAS_ORDERS, FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
+from deltakit.train.config import BIAS_AT, BIAS_ORDERS, CUTOFF_POLICIES, FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
 
 
 def _opt(*names: str, **kw):
@@ -43,7 +43,19 @@ def _opt(*names: str, **kw):
 @_opt("--adam-betas", help="AdamW betas as 'b1,b2' [0.9,0.999].")
 @_opt("--adam-eps", type=float, help="AdamW epsilon [1e-8].")
 @_opt("--max-grad-norm", type=float, help="Clip the gradient to this norm (the data gradient, or g - cD with --bias-order before_clip), 0 to disable [1.0].")
-@_opt("--max-length", type=int, help="Truncate examples to this many tokens.")
+@_opt("--cutoff-len", type=int, help="Longest example in tokens; longer ones follow --cutoff-policy (prompt and image tokens are never cut).")
+@_opt("--cutoff-policy", type=click.Choice(CUTOFF_POLICIES),
+      help="truncate: cut the answer (or drop whole later turns) to fit, dropping examples whose prompt or images do not fit; "
+           "drop: drop every longer example. Counts are logged and in the summary [truncate].")
+@click.option("--enable-thinking/--disable-thinking", default=None,
+              help="Pass enable_thinking to the chat template (Qwen3's thinking mode); unset = the template's default.")
+@click.option("--group-by-length/--no-group-by-length", default=None,
+              help="Put examples of similar length in the same step (seeded; less padding) [off].")
+@click.option("--packing/--no-packing", default=None,
+              help="Concatenate each micro-batch's examples into one row, no padding, no cross-attention (Qwen2-VL, Qwen2.5-VL) [off].")
+@_opt("--num-workers", type=int, help="DataLoader worker processes for the batches and the data cache's build; 0 = in the training process "
+      "[auto: CPU cores per process - 1, at most 4; the build: cores - 1, at most 8, none on 2 cores].")
+@_opt("--cache-dir", help="Data cache folder [$DELTAKIT_CACHE_DIR, else $XDG_CACHE_HOME/deltakit, else ~/.cache/deltakit].")
 @_opt("--precision", type=click.Choice(PRECISIONS), help="auto = bf16 on a GPU that has it, else fp32 [auto].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in backward [off].")
 @_opt("--freeze", help=f"Comma-separated roles to freeze, from {', '.join(FREEZABLE)}; '' freezes nothing [vision,projector].")
@@ -91,6 +103,13 @@ def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
     if config.lora_rank:
         table.add_row("LoRA", f"rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g} on {result.lora_modules} modules: adapter in "
                       f"{result.out}" + (f", merged model in {result.out / 'merged'}" if config.merge_lora else ""))
+    data = result.data
+    if "counts" in data:
+        counts = data["counts"]
+        dropped = sum(v for k, v in counts.items() if k.startswith("dropped"))
+        table.add_row("data", f"{data['examples']} examples from the cache {data['cache']}"
+                      + (f"; cutoff {data['cutoff_len']}: {counts['truncated']} truncated, {dropped} dropped" if data["cutoff_len"] else ""))
+    table.add_row("curves", f"{result.out / 'train_curves.png'}, TensorBoard: tensorboard --logdir {result.out / 'runs'}")
     table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
     write_json(json_path, result)

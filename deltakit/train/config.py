@@ -27,7 +27,10 @@ BIAS_AT = ("step", "micro_batch")
 # Fields that may change between a run and its --resume; every other field must match the checkpoint.
 RESUMABLE_CHANGES = frozenset({"resume", "force", "save_every", "keep_checkpoints", "log_every", "prior_device",
                                "gradient_checkpointing", "strategy", "batch_size", "grad_accum", "out", "run_dir",
-                               "merge_lora", "skip_frozen"})
+                               "merge_lora", "skip_frozen", "cache_dir", "num_workers"})
+RENAMED = {"cutoff_len": "max_length"}
+"""Fields renamed since a checkpoint's fingerprint may have been written: new name -> old name."""
+CUTOFF_POLICIES = ("truncate", "drop")
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 """Left out of a resume fingerprint when ``lora_rank`` is 0, so checkpoints older than LoRA support still resume."""
 DEFAULT_FREEZE = ("vision", "projector")
@@ -60,7 +63,13 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    max_length: int | None = None
+    cutoff_len: int | None = None
+    cutoff_policy: str = "truncate"
+    enable_thinking: bool | None = None
+    group_by_length: bool = False
+    packing: bool = False
+    num_workers: int | None = None
+    cache_dir: str | None = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
     freeze: tuple[str, ...] = DEFAULT_FREEZE
@@ -141,7 +150,9 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
         need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be two numbers in [0, 1), not {self.adam_betas}")
         need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0 disables clipping)")
-        need(self.max_length is None or self.max_length >= 2, "max_length must be >= 2")
+        need(self.cutoff_len is None or self.cutoff_len >= 2, f"cutoff_len must be >= 2, not {self.cutoff_len}")
+        need(self.cutoff_policy in CUTOFF_POLICIES, f"cutoff_policy must be one of {', '.join(CUTOFF_POLICIES)}, not {self.cutoff_policy!r}")
+        need(self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, not {self.num_workers}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         need(set(self.freeze) <= set(FREEZABLE), f"freeze takes roles from {', '.join(FREEZABLE)}, not {', '.join(self.freeze)}")
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
@@ -192,6 +203,11 @@ class TrainConfig:
         if self.bias_order != "auto":
             return self.bias_order
         return "before_clip" if self.rule == "absolute" else "after_clip"
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """Arguments for the chat template: ``enable_thinking`` when set (Qwen3's thinking switch)."""
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
 
     @property
     def run_path(self) -> Path:

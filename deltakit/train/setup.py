@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from deltakit.datacache import CacheRequest
 from deltakit.drift import PriorSource
 from deltakit.errors import DeltakitError
 from deltakit.hf import load_processor, model_class
 from deltakit.model import map_parameters, open_model
 from deltakit.train.config import TrainConfig
-from deltakit.train.dist import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def load_model(config: TrainConfig) -> tuple[torch.nn.Module, str]:
     ``other``; from the family table) is in ``config.freeze`` get ``requires_grad = False``.
     """
     mapped = open_model(config.model, config.family)
-    model = model_class(config.model).from_pretrained(config.model, dtype=torch.float32)
+    model = model_class(mapped.path).from_pretrained(mapped.path, dtype=torch.float32)  # mapped.path: a hub ID resolved
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -92,14 +93,17 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
     return mapped.ckpt.meta(next(iter(mapped.text.values())).key).dtype
 
 
-def load_data(config: TrainConfig) -> tuple[Sequence[dict], Callable[[list[dict]], dict], Any]:
-    """The tokenised training examples, the collate function and the model's processor."""
-    from deltakit.data import SFTDataset, collate, load_examples, pad_id
+def load_data(config: TrainConfig) -> tuple[Sequence[dict] | CacheRequest, Callable[[list[dict]], dict], Any]:
+    """The training examples (a :class:`~deltakit.datacache.CacheRequest`, opened by the loop: processed once
+    into the data cache), the collate function (:func:`~deltakit.train.loader.pack` with ``packing``) and the
+    model's processor."""
+    from deltakit.data import collate, pad_id
+    from deltakit.train.loader import pack
 
     processor = load_processor(config.model, "to build training inputs")
-    dataset = SFTDataset(load_examples(config.data), processor, max_length=config.max_length)
-    pad = pad_id(processor)
-    return dataset, lambda batch: collate(batch, pad), processor
+    request = CacheRequest(config.data, processor, max_length=config.cutoff_len, cutoff_policy=config.cutoff_policy,
+                           template_kwargs=config.template_kwargs, cache_dir=config.cache_dir, workers=config.num_workers)
+    return request, functools.partial(pack if config.packing else collate, pad_id=pad_id(processor)), processor
 
 
 def open_prior(path: str) -> PriorSource:
@@ -140,28 +144,6 @@ class Plan:
             return (step + 1) / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    def micro_batches(self, step: int, env: DistEnv, config: TrainConfig) -> list[list[int]]:
-        """Example indices of this process's micro-batches at ``step``.
-
-        Each epoch is a permutation seeded by ``seed + epoch``; step ``s`` takes the next global batch
-        from it, and process ``r`` the ``r``-th contiguous slice of that, split into ``grad_accum``
-        micro-batches. So the examples of a step depend only on the seed and the global batch size.
-        """
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.examples, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
-        step_ids = order[pos * self.global_batch:(pos + 1) * self.global_batch]
-        per_rank = config.batch_size * config.grad_accum
-        mine = step_ids[env.rank * per_rank:(env.rank + 1) * per_rank]
-        return [mine[i:i + config.batch_size] for i in range(0, per_rank, config.batch_size)]
-
-
-def batches(plan: Plan, start: int, dataset: Sequence[dict], collate: Callable[[list[dict]], dict],
-            env: DistEnv, config: TrainConfig) -> Iterator[tuple[int, list[dict]]]:
-    """``(step, micro-batches on the device)`` from ``start`` to the end of the plan."""
-    for step in range(start, plan.total_steps):
-        micro = [collate([dataset[i] for i in ids]) for ids in plan.micro_batches(step, env, config)]
-        yield step, [{k: v.to(env.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in micro]
 
 
 def save_final(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], config: TrainConfig, folder: Path,
