@@ -14,11 +14,14 @@
 3. **Padding per step** on a long-tailed length distribution like the paper's (4K examples, a few hundred
    to ~1300 image tokens, chain-of-thought answers log-normal around 1.2K tokens, cut at 32K): plain
    padding to the longest of each micro-batch, length grouping, packing.
+4. **Pixel storage** (``--cache-pixels``): bytes per example of a cache entry, its build and its read rate, for
+   float32 pixels, bf16 pixels and none (pixels recomputed from the images on every read); ``--pixels-only``
+   measures just this and updates the ``pixels`` entry of the JSON.
 
 The tokenizer is deltakit's tiny BPE (the real Qwen tokenizer is not available offline; both are Rust
 ``tokenizers``, so the text part is a small share of the time next to the images).
 
-    python analyses/bench_data.py [--examples 24 --rounds 2 --steps 6]
+    python analyses/bench_data.py [--examples 24 --rounds 2 --steps 6] [--pixels-only]
 
 prints markdown tables and writes docs/benchmarks/data.json.
 """
@@ -148,6 +151,32 @@ def throughput(data: Path, processor, rounds: int, tmp: Path) -> dict:
             "cache_bytes_per_example": cache_bytes / n}
 
 
+def pixel_storage(data: Path, processor, rounds: int, tmp: Path) -> dict:
+    """Per pixel storage: bytes per example of the entry, examples/s of its build and of reading every item in this
+    process (``none`` runs the image processor per read), and whether the items equal the uncached ones (bf16: rounded)."""
+    examples = load_examples(data)
+    n = len(examples)
+    reference = SFTDataset(examples, processor)
+    out = {}
+    for pixels in ("float32", "bfloat16", "none"):
+        builds, reads = [], []
+        for r in range(rounds):
+            opened: list[CachedDataset] = []
+            builds.append(_rate(lambda: opened.append(cached_dataset(data, processor, cache_dir=tmp / f"px-{pixels}-{r}", pixels=pixels)), n))
+            reads.append(_rate(lambda: [opened[0][i] for i in range(n)], n))
+        cached = opened[0]
+        size = sum(p.stat().st_size for p in cached.folder.iterdir())
+        same = True
+        for i in range(n):
+            want, got = reference[i], cached[i]
+            if pixels == "bfloat16":
+                want["pixel_values"] = want["pixel_values"].to(torch.bfloat16)
+            same &= want.keys() == got.keys() and all(want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]) for k in want)
+        out[pixels] = {"bytes_per_example": size / n, "build": statistics.median(builds), "read": statistics.median(reads),
+                       "builds": builds, "reads": reads, "equal": same}
+    return out
+
+
 def wait_share(model_dir: Path, data: Path, steps: int, tmp: Path) -> dict:
     """Mean share of a step spent waiting for data in ``finetune`` on the tiny model, per data path."""
     from deltakit.data import collate, pad_id
@@ -202,7 +231,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "data.json")
+    parser.add_argument("--pixels-only", action="store_true", help="measure the pixel storage only; update its entry of --out")
     args = parser.parse_args()
+    if args.pixels_only:
+        return pixels_only(args)
     torch.manual_seed(0)
     from deltakit.tiny import save_tiny
 
@@ -216,7 +248,7 @@ def main() -> None:
                               "transformers": __import__("transformers").__version__},
                   "date": datetime.date.today().isoformat(), "pixel_limits": [MIN_PIXELS, MAX_PIXELS],
                   "throughput": throughput(data, processor, args.rounds, tmp), "wait": wait_share(model_dir, data, args.steps, tmp),
-                  "padding": padding()}
+                  "padding": padding(), "pixels": pixel_storage(data, processor, args.rounds, tmp)}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     t = result["throughput"]
     before = t["rates"]["before: 3 passes per access"]["median"]
@@ -232,6 +264,30 @@ def main() -> None:
     print("\n| batching | padding tokens per step | real tokens per step | padding share |\n|---|---|---|---|")
     for name in ("plain", "group_by_length", "packing"):
         print(f"| {name} | {p[name]['padding_per_step']:,.0f} | {p[name]['real_per_step']:,.0f} | {100 * p[name]['padding_share']:.1f}% |")
+    print_pixels(result["pixels"], args.examples)
+
+
+def print_pixels(pixels: dict, examples: int) -> None:
+    print(f"\n| cache pixels | MiB per example | GiB for 4K examples | build (examples/s) | read (examples/s) | items as uncached |\n"
+          "|---|---|---|---|---|---|")
+    for name, r in pixels.items():
+        print(f"| {name} | {r['bytes_per_example'] / 2**20:.2f} | {4000 * r['bytes_per_example'] / 2**30:.1f} | {r['build']:.2f} | "
+              f"{r['read']:.1f} | {r['equal']} |")
+
+
+def pixels_only(args: argparse.Namespace) -> None:
+    """``--pixels-only``: the pixel storage measured on its own, written into the ``pixels`` entry of ``args.out``."""
+    from deltakit.tiny import save_tiny
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = make_data(tmp / "data", args.examples)
+        processor = published_processor(save_tiny("qwen2_5_vl", tmp / "model"))
+        pixels = pixel_storage(data, processor, args.rounds, tmp)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["pixels"] = {"date": datetime.date.today().isoformat(), "examples": args.examples, "rounds": args.rounds, **pixels}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print_pixels(pixels, args.examples)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,16 @@ same key reads them back through a memory map, as exactly the tensors the proces
 included). The key is a SHA-256 over what the tensors depend on (:func:`cache_key`): the data file's
 bytes, each image file's path, size and modification time, the processor as saved by ``save_pretrained``
 (tokenizer, image processor, chat template), the template arguments, the cutoff and its policy, the
-transformers version and :data:`FORMAT_VERSION`. Change any of them and a new entry is built; nothing is
-ever updated in place.
+transformers version, the pixel storage and :data:`FORMAT_VERSION`. Change any of them and a new entry is
+built; nothing is ever updated in place.
+
+Pixel storage (``--cache-pixels``, :func:`pixel_storage`): the image processor makes float32 pixel values,
+about 18 MiB per example for Qwen2.5-VL images of 448-1344 px. ``float32`` stores them as made;
+``bfloat16`` rounds them to bf16 (half the bytes): exactly what the model sees when it trains in bf16 and its
+forward rounds the pixels to bf16 before any arithmetic (:data:`BF16_EXACT`); ``none`` stores no pixels:
+each item's images are read and run through the processor's image processor again when it is read (in the
+DataLoader workers), and the grids it gives are checked against the stored ones. ``auto`` is ``bfloat16``
+for a bf16 run of a :data:`BF16_EXACT` model, else ``float32``.
 
 Layout of an entry: ``index.json`` (key parts, shard list, per-key dtypes, cutoff counts) and
 ``shard-NNNNN.safetensors`` files, each holding for its examples ``lengths`` and ``source`` (the
@@ -42,14 +50,31 @@ import torch
 from deltakit.data import Encoded, Example, SFTDataset
 from deltakit.errors import DeltakitError
 from deltakit.progress import ProgressFn, no_progress
+from deltakit.train.config import CACHE_PIXELS as PIXEL_POLICIES
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever the entry layout or the meaning of a stored tensor changes."""
 CACHE_ENV = "DELTAKIT_CACHE_DIR"
 SHARD_BYTES = 256 * 1024**2
 STATUSES = ("kept", "truncated", "dropped_long", "dropped_prompt", "dropped_image")
+PIXELS = "pixel_values"
+BF16_EXACT = ("qwen2_vl", "qwen2_5_vl")
+"""Model types whose forward rounds float32 pixel values to bf16 before any arithmetic in a bf16 run: transformers'
+``get_image_features`` casts them to the vision tower's dtype (bf16 under FSDP mixed precision) and their only
+consumer, the patch embedding's ``Conv3d``, runs in bf16 under autocast; so pixels stored in bf16 (rounded the
+same way, to nearest even) give the vision tower bit for bit the same input (tested)."""
+
+
+def pixel_storage(policy: str, compute_dtype: torch.dtype, model_type: str | None) -> str:
+    """The stored form of pixel values for ``policy`` (:data:`PIXEL_POLICIES`): ``auto`` is ``bfloat16`` when the
+    model computes in bf16 and rounds its float32 pixels to bf16 itself (:data:`BF16_EXACT`), else ``float32``."""
+    if policy not in PIXEL_POLICIES:
+        raise DeltakitError(f"cache pixels must be one of {', '.join(PIXEL_POLICIES)}, not {policy!r}")
+    if policy != "auto":
+        return policy
+    return "bfloat16" if compute_dtype == torch.bfloat16 and model_type in BF16_EXACT else "float32"
 
 
 def cache_root(override: str | os.PathLike | None = None) -> Path:
@@ -83,8 +108,9 @@ def processor_digest(processor: Any) -> str:
 
 
 def cache_key(data: str | os.PathLike, examples: Sequence[Example], processor: Any, max_length: int | None,
-              cutoff_policy: str, template_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The entry name (hex SHA-256) and the parts it is computed from (stored in ``index.json``)."""
+              cutoff_policy: str, template_kwargs: dict[str, Any], pixels: str = "float32") -> tuple[str, dict[str, Any]]:
+    """The entry name (hex SHA-256) and the parts it is computed from (stored in ``index.json``); ``pixels`` is
+    the stored form of the pixel values (``float32``, ``bfloat16`` or ``none``, :func:`pixel_storage`)."""
     import transformers
 
     images = sorted({str(p.resolve()) for ex in examples for p in ex.images})
@@ -104,6 +130,7 @@ def cache_key(data: str | os.PathLike, examples: Sequence[Example], processor: A
         "cutoff_len": max_length,
         "cutoff_policy": cutoff_policy if max_length is not None else None,
         "transformers": transformers.__version__,
+        "pixels": pixels,
     }
     key = hashlib.sha256(json.dumps({k: v for k, v in parts.items() if k != "data"}, sort_keys=True).encode()).hexdigest()
     return key[:32], parts
@@ -212,6 +239,12 @@ class _ShardBuilder:
         self._items, self._bytes = [], 0
 
 
+def _image_stat(path: Path) -> tuple[str, int, int]:
+    """An image file as the cache records it: resolved path, size in bytes, modification time (ns)."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class CacheStats:
     """What the cutoff policy did: examples per status, tokens and trained tokens cut (truncated and dropped
@@ -235,7 +268,10 @@ class CacheStats:
 
 def build_entry(folder: Path, dataset: SFTDataset, parts: dict[str, Any], workers: int = 0,
                 progress: ProgressFn = no_progress) -> None:
-    """Encode every example of ``dataset`` (``workers`` DataLoader processes, in order) into ``folder``."""
+    """Encode every example of ``dataset`` (``workers`` DataLoader processes, in order) into ``folder``, pixel
+    values stored as ``parts["pixels"]`` says (``float32``, ``bfloat16`` or ``none``)."""
+    pixels = parts["pixels"]
+    images: list[list[tuple[str, int, int]]] = []
     stats = CacheStats()
     builder = _ShardBuilder(folder)
     loader = torch.utils.data.DataLoader(_Encoder(dataset), batch_size=None, shuffle=False, num_workers=workers,
@@ -246,14 +282,20 @@ def build_entry(folder: Path, dataset: SFTDataset, parts: dict[str, Any], worker
             raise enc
         stats.add(enc)
         if enc.item is not None:
-            builder.add(index, enc.item)
+            item = dict(enc.item)
+            if PIXELS in item and pixels == "none":
+                del item[PIXELS]
+            elif PIXELS in item and pixels == "bfloat16":
+                item[PIXELS] = item[PIXELS].to(torch.bfloat16)
+            builder.add(index, item)
+            images.append([_image_stat(p) for p in dataset.examples[index].images])
         progress(1)
     builder.flush()
     if not builder.shards:
         raise DeltakitError(f"{parts['data']}: every one of {len(dataset)} examples was dropped by the cutoff "
                             f"({parts['cutoff_len']} tokens), e.g. {stats.dropped[0] if stats.dropped else ''}")
     index = {"format": FORMAT_VERSION, "key": parts, "examples": sum(s["examples"] for s in builder.shards),
-             "shards": builder.shards, "keys": builder.keys, "stats": stats.to_dict()}
+             "shards": builder.shards, "keys": builder.keys, "stats": stats.to_dict(), "images": images}
     (folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
@@ -263,17 +305,26 @@ class CachedDataset(Sequence):
     ``dataset[i]`` is the dict of tensors :class:`~deltakit.data.SFTDataset` gave for the ``i``-th kept
     example (``source[i]`` is its index in the data file); ``lengths`` are their token counts, ``stats`` the
     cutoff counts of the build. Per-image tensors are read-only views of the map (a private one: writing to
-    them never reaches the file); integer tensors are copies in their original dtype. Picklable, so
-    DataLoader workers open their own maps.
+    them never reaches the file); integer tensors are copies in their original dtype; pixel values are in their
+    stored dtype (bf16 for a ``bfloat16`` entry). An entry built with pixels ``none`` needs ``image_processor``
+    (the processor's ``image_processor``): each item's images are read and processed again, and the tensors
+    it gives besides the pixels (``image_grid_thw``) must equal the stored ones. Picklable, so DataLoader
+    workers open their own maps (and do that image processing).
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, image_processor: Any = None):
         self.folder = Path(folder)
         index = json.loads((self.folder / "index.json").read_text())
         if index.get("format") != FORMAT_VERSION:
             raise DeltakitError(f"{self.folder}: cache format {index.get('format')}, this deltakit reads {FORMAT_VERSION}")
         self.index = index
         self.stats: dict[str, Any] = index["stats"]
+        self.pixels: str = index["key"]["pixels"]
+        self.images: list[list[tuple[str, int, int]]] = [[tuple(x) for x in ex] for ex in index["images"]]
+        if self.pixels == "none" and image_processor is None and any(self.images):
+            raise DeltakitError(f"{self.folder}: this cache entry stores no pixel values; open it with the processor's image processor "
+                                "(CachedDataset(folder, processor.image_processor))")
+        self.image_processor = image_processor
         self._dtypes = {k: getattr(torch, v["dtype"]) for k, v in index["keys"].items()}
         self._where: list[tuple[int, int]] = [(s, j) for s, shard in enumerate(index["shards"]) for j in range(shard["examples"])]
         self._shards: list[dict[str, torch.Tensor]] | None = None
@@ -306,7 +357,29 @@ class CachedDataset(Sequence):
             lo, hi = int(shard[f"{name}.offsets"][j]), int(shard[f"{name}.offsets"][j + 1])
             flat = shard[f"{name}.data"][lo:hi]
             item[name] = (flat if flat.dtype == dtype else flat.to(dtype)).reshape(shape)
+        if self.pixels == "none" and self.images[index]:
+            item.update(self._pixels(index, item))
         return item
+
+    def _pixels(self, index: int, item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pixel values of item ``index``: its images (unchanged since the build: same size and modification time)
+        run through the image processor again; what else it gives (the grids) must equal the stored tensors."""
+        from deltakit.data import open_image
+
+        for recorded in self.images[index]:
+            try:
+                now = _image_stat(Path(recorded[0]))
+            except OSError:
+                now = None
+            if now != recorded:
+                raise DeltakitError(f"{recorded[0]}: image {'changed' if now else 'gone'} since the data cache {self.folder} was "
+                                    "built without pixel values; run again to rebuild it")
+        out = self.image_processor(images=[open_image(Path(p), p) for p, _, _ in self.images[index]], return_tensors="pt")
+        for name, t in out.items():
+            if name != PIXELS and name in item and not torch.equal(item[name], t.to(item[name].dtype)):
+                raise DeltakitError(f"{self.folder}: the image processor gives {name} {t.tolist()} for example {self.source[index]}, "
+                                    f"the cache {item[name].tolist()}")
+        return {PIXELS: out[PIXELS]}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": None, "_files": [], "_pid": -1}
@@ -315,19 +388,22 @@ class CachedDataset(Sequence):
 def cached_dataset(data: str | os.PathLike, processor: Any, *, examples: Sequence[Example] | None = None,
                    max_length: int | None = None, cutoff_policy: str = "truncate",
                    template_kwargs: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None,
-                   workers: int = 0, progress: ProgressFn = no_progress) -> CachedDataset:
+                   workers: int = 0, pixels: str = "float32", progress: ProgressFn = no_progress) -> CachedDataset:
     """The processed examples of the training JSONL ``data``: opened from the cache, or built into it first.
 
     ``examples`` (default ``load_examples(data)``) must be that file's records. One process builds an
     entry while the others wait on its lock (see the module docstring); ``workers`` DataLoader processes run
-    the processor in parallel during a build.
+    the processor in parallel during a build. ``pixels`` is the stored form of the pixel values (``float32``,
+    ``bfloat16``, ``none``; :func:`pixel_storage` resolves ``auto``).
     """
     from deltakit.data import load_examples
     from deltakit.io.writer import atomic_output_dir
 
     template_kwargs = dict(template_kwargs or {})
     examples = load_examples(data) if examples is None else examples
-    key, parts = cache_key(data, examples, processor, max_length, cutoff_policy, template_kwargs)
+    if pixels not in PIXEL_POLICIES[1:]:
+        raise DeltakitError(f"pixels must be one of {', '.join(PIXEL_POLICIES[1:])} (resolve auto with pixel_storage), not {pixels!r}")
+    key, parts = cache_key(data, examples, processor, max_length, cutoff_policy, template_kwargs, pixels)
     folder = cache_root(cache_dir) / "sft" / key
     with _locked(folder.with_name(key + ".lock")):
         if not (folder / "index.json").is_file():
@@ -337,7 +413,7 @@ def cached_dataset(data: str | os.PathLike, processor: Any, *, examples: Sequenc
                 build_entry(tmp, dataset, parts, workers, progress)
         else:
             log.info("data cache hit: %s", folder)
-        return CachedDataset(folder)
+        return CachedDataset(folder, getattr(processor, "image_processor", None) if pixels == "none" else None)
 
 
 def build_workers() -> int:
@@ -351,7 +427,8 @@ def build_workers() -> int:
 @dataclass
 class CacheRequest:
     """Everything :func:`cached_dataset` needs, to be opened later (by the training loop, with its progress bar);
-    ``workers`` None = :func:`build_workers`."""
+    ``workers`` None = :func:`build_workers`; ``pixels`` a :data:`PIXEL_POLICIES` value, ``auto`` resolved with
+    ``compute_dtype`` and ``model_type`` (set by the loop once the model and precision are known)."""
 
     data: str | os.PathLike
     processor: Any
@@ -360,8 +437,12 @@ class CacheRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | os.PathLike | None = None
     workers: int | None = None
+    pixels: str = "auto"
+    compute_dtype: torch.dtype = torch.float32
+    model_type: str | None = None
 
     def open(self, progress: ProgressFn = no_progress) -> CachedDataset:
         return cached_dataset(self.data, self.processor, max_length=self.max_length, cutoff_policy=self.cutoff_policy,
                               template_kwargs=self.template_kwargs, cache_dir=self.cache_dir,
-                              workers=build_workers() if self.workers is None else self.workers, progress=progress)
+                              workers=build_workers() if self.workers is None else self.workers,
+                              pixels=pixel_storage(self.pixels, self.compute_dtype, self.model_type), progress=progress)

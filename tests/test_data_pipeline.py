@@ -1,13 +1,15 @@
 """The processed-once data pipeline: one-pass label spans against the three-pass reference, the on-disk cache against
 the uncached tensors, the cutoff policy's counts, <think> and Qwen3's enable_thinking, the step order and length
 grouping, packing against the padded batch on the tiny model, and whole runs (workers + cache vs today's pipeline,
-resume with grouping and packing, TensorBoard curves read back with TensorBoard's own reader)."""
+resume with grouping and packing, TensorBoard curves read back with TensorBoard's own reader), and the cache's pixel
+storage (bf16 pixels against what the vision tower sees from float32 ones; none: recomputed pixels against the processor's)."""
 
 import copy
 import functools
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import transformers
 from PIL import Image
 
 from deltakit.data import DataError, SFTDataset, _n_images, collate, load_examples, render
-from deltakit.datacache import CachedDataset, cache_key, cached_dataset
+from deltakit.datacache import CachedDataset, cache_key, cached_dataset, pixel_storage
 from deltakit.errors import DeltakitError
 from deltakit.tiny import SPECIAL
 from deltakit.tiny_processor import save_tiny_processor
@@ -400,3 +402,81 @@ def test_unusable_cache_folder_is_one_error_line(data, processor, tmp_path):
     with pytest.raises(DeltakitError) as err:
         cached_dataset(data, processor, cache_dir=blocker)
     assert str(err.value).startswith(f"{blocker / 'sft'}: cannot use this data cache folder") and "\n" not in str(err.value)
+
+
+def _pixel_bytes(folder):
+    with safe_open(folder / "shard-00000.safetensors") as f:
+        return {k: f.get_slice(k).get_shape()[0] * (2 if f.get_slice(k).get_dtype() == "BF16" else 4)
+                for k in f.keys() if k == "pixel_values.data"}
+
+
+def test_bf16_pixels_are_exactly_what_a_bf16_run_sees(model_dir, data, processor, tmp_path):
+    reference = SFTDataset(load_examples(data), processor)
+    stored = cached_dataset(data, processor, cache_dir=tmp_path, pixels="bfloat16")
+    want, got = reference[2], stored[2]  # two images
+    assert got["pixel_values"].dtype == torch.bfloat16 and torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+    assert torch.equal(got["pixel_values"], want["pixel_values"].to(torch.bfloat16))
+    assert (got["pixel_values"].float() != want["pixel_values"]).float().mean() > 0.5  # most pixels are not bf16 values
+    full = cached_dataset(data, processor, cache_dir=tmp_path)
+    assert full.folder != stored.folder and _pixel_bytes(stored.folder)["pixel_values.data"] * 2 == _pixel_bytes(full.folder)["pixel_values.data"]
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    embedded = []
+    model.model.visual.patch_embed.register_forward_hook(lambda module, args, out: embedded.append(out))
+
+    def tower(pixels, bf16):  # the model's own entry point for pixels: casts them to the tower's dtype, then the tower
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return torch.cat(model.model.get_image_features(pixels, want["image_grid_thw"]).pooler_output)
+
+    # a bf16 run (float32 master weights under autocast): the patch embedding's output and the tower's, bit for bit
+    a, b = tower(want["pixel_values"], True), tower(got["pixel_values"], True)
+    assert embedded[0].dtype == torch.bfloat16 and torch.equal(embedded[0], embedded[1]) and torch.equal(a, b)
+    # an fp32 run sees the float32 pixels: bf16 ones would change its input, so auto keeps float32 there
+    assert not torch.equal(tower(want["pixel_values"], False), tower(got["pixel_values"], False))
+    # the tower's weights in bf16 (FSDP2 mixed precision): get_image_features casts to bf16, the same again
+    model.model.visual.to(torch.bfloat16)
+    assert torch.equal(tower(want["pixel_values"], False), tower(got["pixel_values"], False))
+    assert pixel_storage("auto", torch.bfloat16, "qwen2_5_vl") == pixel_storage("auto", torch.bfloat16, "qwen2_vl") == "bfloat16"
+    assert pixel_storage("auto", torch.float32, "qwen2_5_vl") == pixel_storage("auto", torch.bfloat16, "llava") == "float32"
+    assert pixel_storage("none", torch.float32, None) == "none"
+    with pytest.raises(DeltakitError, match="cache pixels must be one of auto, float32, bfloat16, none, not 'fp8'"):
+        pixel_storage("fp8", torch.float32, None)
+
+
+def test_no_pixels_cache_recomputes_them_exactly_in_workers(data, processor, tmp_path):
+    import os
+
+    root = tmp_path / "d"
+    shutil.copytree(data.parent, root)
+    reference = SFTDataset(load_examples(root / "train.jsonl"), processor)
+    cached = cached_dataset(root / "train.jsonl", processor, cache_dir=tmp_path / "c", pixels="none")
+    assert cached.pixels == "none" and _pixel_bytes(cached.folder) == {}
+    # read in a DataLoader worker (the image processor travels with the pickled dataset): the processor's tensors
+    items = list(torch.utils.data.DataLoader(cached, batch_size=None, num_workers=1, collate_fn=dict))
+    for i, item in enumerate(items):
+        assert_same_items(item, reference[i])
+    assert "pixel_values" in items[2] and "pixel_values" not in items[3]
+    assert cache_key(data, reference.examples, processor, None, "truncate", {}, "none")[0] != \
+        cache_key(data, reference.examples, processor, None, "truncate", {})[0]
+    with pytest.raises(DeltakitError, match="stores no pixel values; open it with the processor's image processor"):
+        CachedDataset(cached.folder)
+    st = os.stat(root / "0.png")
+    os.utime(root / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DeltakitError) as err:
+        cached[0]
+    assert str(err.value) == f"{(root / '0.png').resolve()}: image changed since the data cache {cached.folder} was built " \
+                             "without pixel values; run again to rebuild it"
+
+
+def test_bf16_run_with_auto_pixels_trains_the_float32_pixels_weights(model_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop_module, "plot_curves", lambda records, path, **k: path.write_bytes(b""))  # tested above
+    base = dict(model=str(model_dir), data=str(data), lr=1e-3, warmup_ratio=0.0, max_steps=1, batch_size=4, adam_eps=1e-4,
+                precision="bf16", num_workers=0, cache_dir=str(tmp_path / "cache"))
+    auto = finetune(TrainConfig(**base, out=str(tmp_path / "auto")))
+    full = finetune(TrainConfig(**base, out=str(tmp_path / "full"), cache_pixels="float32"))
+    assert auto.data["cache_pixels"] == "bfloat16" and full.data["cache_pixels"] == "float32"
+    assert json.loads((Path(auto.data["cache"]) / "index.json").read_text())["key"]["pixels"] == "bfloat16"
+    a, b = _weights(tmp_path / "auto"), _weights(tmp_path / "full")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not torch.equal(a["lm_head.weight"], _weights(model_dir)["lm_head.weight"])
+    with pytest.raises(DeltakitError, match="cache_pixels must be one of auto, float32, bfloat16, none, not 'fp16'"):
+        TrainConfig(**base, out="o", cache_pixels="fp16").validated()

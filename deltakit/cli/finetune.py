@@ -10,7 +10,7 @@ from rich.table import Table
 
 from deltakit.cli._common import console, json_option, progress_bar, write_json
 from deltakit.drift_rules import RULES
-from deltakit.train.config import BIAS_AT, BIAS_ORDERS, CUTOFF_POLICIES, FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
+from deltakit.train.config import BIAS_AT, BIAS_ORDERS, CACHE_PIXELS, CUTOFF_POLICIES, FREEZABLE, PRECISIONS, SAVE_DTYPES, STRATEGIES, TrainConfig
 
 
 def _opt(*names: str, **kw):
@@ -56,6 +56,10 @@ def _opt(*names: str, **kw):
 @_opt("--num-workers", type=int, help="DataLoader worker processes for the batches and the data cache's build; 0 = in the training process "
       "[auto: CPU cores per process - 1, at most 4; the build: cores - 1, at most 8, none on 2 cores].")
 @_opt("--cache-dir", help="Data cache folder [$DELTAKIT_CACHE_DIR, else $XDG_CACHE_HOME/deltakit, else ~/.cache/deltakit].")
+@_opt("--cache-pixels", type=click.Choice(CACHE_PIXELS),
+      help="How the data cache stores pixel values: bfloat16 (half of float32; exactly what a bf16 Qwen2-VL / Qwen2.5-VL run sees), "
+           "float32 (as the processor makes them), none (recomputed from the images in the loader workers) "
+           "[auto: bfloat16 when exact for the run, else float32].")
 @_opt("--precision", type=click.Choice(PRECISIONS), help="auto = bf16 on a GPU that has it, else fp32 [auto].")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help="Recompute activations in backward [off].")
 @_opt("--freeze", help=f"Comma-separated roles to freeze, from {', '.join(FREEZABLE)}; '' freezes nothing [vision,projector].")
@@ -107,7 +111,7 @@ def command(config_file: Path | None, json_path: Path | None, **flags) -> None:
     if "counts" in data:
         counts = data["counts"]
         dropped = sum(v for k, v in counts.items() if k.startswith("dropped"))
-        table.add_row("data", f"{data['examples']} examples from the cache {data['cache']}"
+        table.add_row("data", f"{data['examples']} examples from the cache {data['cache']} (pixels: {data['cache_pixels']})"
                       + (f"; cutoff {data['cutoff_len']}: {counts['truncated']} truncated, {dropped} dropped" if data["cutoff_len"] else ""))
     table.add_row("curves", f"{result.out / 'train_curves.png'}, TensorBoard: tensorboard --logdir {result.out / 'runs'}")
     table.add_row("time", f"{result.seconds:.1f} s")

@@ -31,6 +31,8 @@ RESUMABLE_CHANGES = frozenset({"resume", "force", "save_every", "keep_checkpoint
 RENAMED = {"cutoff_len": "max_length"}
 """Fields renamed since a checkpoint's fingerprint may have been written: new name -> old name."""
 CUTOFF_POLICIES = ("truncate", "drop")
+CACHE_PIXELS = ("auto", "float32", "bfloat16", "none")
+"""How the data cache stores pixel values (deltakit.datacache.pixel_storage; docs/data.md, "Pixel storage")."""
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
 """Left out of a resume fingerprint when ``lora_rank`` is 0, so checkpoints older than LoRA support still resume."""
 DEFAULT_FREEZE = ("vision", "projector")
@@ -70,6 +72,7 @@ class TrainConfig:
     packing: bool = False
     num_workers: int | None = None
     cache_dir: str | None = None
+    cache_pixels: str = "auto"
     precision: str = "auto"
     gradient_checkpointing: bool = False
     freeze: tuple[str, ...] = DEFAULT_FREEZE
@@ -153,6 +156,7 @@ class TrainConfig:
         need(self.cutoff_len is None or self.cutoff_len >= 2, f"cutoff_len must be >= 2, not {self.cutoff_len}")
         need(self.cutoff_policy in CUTOFF_POLICIES, f"cutoff_policy must be one of {', '.join(CUTOFF_POLICIES)}, not {self.cutoff_policy!r}")
         need(self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, not {self.num_workers}")
+        need(self.cache_pixels in CACHE_PIXELS, f"cache_pixels must be one of {', '.join(CACHE_PIXELS)}, not {self.cache_pixels!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         need(set(self.freeze) <= set(FREEZABLE), f"freeze takes roles from {', '.join(FREEZABLE)}, not {', '.join(self.freeze)}")
         need(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")

@@ -211,7 +211,7 @@ def _data_info(dataset, config: TrainConfig, workers: int) -> dict[str, Any]:
     info: dict[str, Any] = {"examples": len(dataset), "workers": workers, "group_by_length": config.group_by_length,
                             "packing": config.packing}
     if isinstance(dataset, CachedDataset):
-        info.update(cache=str(dataset.folder), cutoff_len=config.cutoff_len, cutoff_policy=config.cutoff_policy, **dataset.stats)
+        info.update(cache=str(dataset.folder), cache_pixels=dataset.pixels, cutoff_len=config.cutoff_len, cutoff_policy=config.cutoff_policy, **dataset.stats)
     return info
 
 
@@ -250,6 +250,7 @@ def _run(config: TrainConfig, env: dist.DistEnv, progress: ProgressFn) -> TrainR
             bias.micro_batch_hooks()
     dataset, collate, _ = load_data(config)
     if isinstance(dataset, CacheRequest):
+        dataset.compute_dtype, dataset.model_type = torch.bfloat16 if bf16 else torch.float32, model.config.model_type
         dataset = _open_cache(dataset, env, progress)
     plan = Plan.make(len(dataset), config, env.world_size)
     order = StepOrder(plan.examples, plan.global_batch, plan.steps_per_epoch, config.seed,

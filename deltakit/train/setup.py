@@ -95,14 +95,15 @@ def save_dtype(config: TrainConfig) -> torch.dtype:
 
 def load_data(config: TrainConfig) -> tuple[Sequence[dict] | CacheRequest, Callable[[list[dict]], dict], Any]:
     """The training examples (a :class:`~deltakit.datacache.CacheRequest`, opened by the loop: processed once
-    into the data cache), the collate function (:func:`~deltakit.train.loader.pack` with ``packing``) and the
-    model's processor."""
+    into the data cache; the loop sets the precision and model type that resolve ``cache_pixels`` auto), the
+    collate function (:func:`~deltakit.train.loader.pack` with ``packing``) and the model's processor."""
     from deltakit.data import collate, pad_id
     from deltakit.train.loader import pack
 
     processor = load_processor(config.model, "to build training inputs")
     request = CacheRequest(config.data, processor, max_length=config.cutoff_len, cutoff_policy=config.cutoff_policy,
-                           template_kwargs=config.template_kwargs, cache_dir=config.cache_dir, workers=config.num_workers)
+                           template_kwargs=config.template_kwargs, cache_dir=config.cache_dir, workers=config.num_workers,
+                           pixels=config.cache_pixels)
     return request, functools.partial(pack if config.packing else collate, pad_id=pad_id(processor)), processor
 
 
