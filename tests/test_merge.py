@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from deltakit.cli import main
 from deltakit.errors import DeltakitError
 from deltakit.merge import MergeConfig, MergeConfigError, merge
-from deltakit.merge.methods import TopK, dare_block_rows, dare_linear, dare_ties, linear, random_mask, task_arithmetic
+from deltakit.merge.methods import TopK, dare_block_rows, linear, merge_tensor, random_mask, task_arithmetic
 from deltakit.merge.plan import dare_seed
 from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
 
@@ -137,14 +137,16 @@ def test_dare_formulas_with_documented_seeded_mask():
     for s, rho in zip(seeds, (0.3, 0.6)):
         g = torch.Generator().manual_seed(s)
         masks.append(torch.rand(64, 32, generator=g) < rho)
-    da = (a - base) * masks[0] / 0.3
-    db = (b - base) * masks[1] / 0.6
-    got = dare_linear(base, [a, b], [0.5, 0.8], [0.3, 0.6], seeds, lambda_=0.7)
+    def l1_rescaled(d, m):  # mergekit 0.1.5's rescale: the kept entries scaled back to the delta's L1 norm
+        return d * m * (d.abs().sum() / (d * m).abs().sum())
+
+    da, db = l1_rescaled(a - base, masks[0]), l1_rescaled(b - base, masks[1])
+    got = merge_tensor("dare_linear", base, [a, b], seeds, weight=[0.5, 0.8], density=[0.3, 0.6], lambda_=0.7)
     torch.testing.assert_close(got, base + 0.7 * (0.5 * da + 0.8 * db), atol=1e-5, rtol=1e-5)
     wa, wb = 0.5 * da, 0.8 * db
     sign = torch.where(wa + wb >= 0, 1.0, -1.0)
     ka, kb = torch.sign(wa) == sign, torch.sign(wb) == sign
-    got = dare_ties(base, [a, b], [0.5, 0.8], [0.3, 0.6], seeds, normalize=True)
+    got = merge_tensor("dare_ties", base, [a, b], seeds, weight=[0.5, 0.8], density=[0.3, 0.6], normalize=True)
     div = 0.5 * ka + 0.8 * kb
     div[div == 0] = 1
     torch.testing.assert_close(got, base + (wa * ka + wb * kb) / div, atol=1e-5, rtol=1e-5)
@@ -264,7 +266,9 @@ def test_ties_and_dare_on_checkpoints(pair, tensors):
     for i in range(2):
         g = torch.Generator().manual_seed(dare_seed(3, "layers.2.mlp.down_proj.weight", i))
         masks.append(torch.rand(vl[k].shape, generator=g) < 0.3)
-    want = base[k] + 0.6 * (vl[k] - base[k]) * masks[0] / 0.3 + 0.4 * (llm[k] - base[k]) * masks[1] / 0.3
+    da, db = vl[k] - base[k], llm[k] - base[k]
+    da, db = da * masks[0] * (da.abs().sum() / (da * masks[0]).abs().sum()), db * masks[1] * (db.abs().sum() / (db * masks[1]).abs().sum())
+    want = base[k] + 0.6 * da + 0.4 * db
     torch.testing.assert_close(got_d[k], want, atol=1e-5, rtol=1e-5)
     k = "model.norm.weight"  # norms are merged by default, embeddings are not
     torch.testing.assert_close(got_t[k], _ties_reference(base[k], [vl[k], llm[k]], [0.6, 0.4], [0.3, 0.3]), atol=1e-5, rtol=1e-5)

@@ -20,7 +20,7 @@ from hypothesis.extra.numpy import array_shapes, arrays  # noqa: E402
 from deltakit.drift import EPS, coefficients, drift_gradient, tensor_stats  # noqa: E402
 from deltakit.drift_rules import RULES  # noqa: E402
 from deltakit.merge.config import MergeConfig  # noqa: E402
-from deltakit.merge.methods import dare_linear, dare_ties, linear, task_arithmetic, ties  # noqa: E402
+from deltakit.merge.methods import linear, merge_tensor, task_arithmetic  # noqa: E402
 
 SETTINGS = settings(max_examples=100, derandomize=True, deadline=None, database=None)
 RTOL = 1e-12
@@ -65,7 +65,7 @@ def test_alpha_one_recipe_gives_the_llm_weight_zero():
 def test_ties_at_density_one_with_one_model_is_task_arithmetic(xs, weight, lambda_, normalize):
     base, x = xs
     expected = task_arithmetic(base, [x], [weight], lambda_, normalize)
-    assert torch.equal(ties(base, [x], [weight], [1.0], lambda_, normalize), expected)
+    assert torch.equal(merge_tensor("ties", base, [x], weight=[weight], density=[1.0], lambda_=lambda_, normalize=normalize), expected)
 
 
 @SETTINGS
@@ -90,9 +90,10 @@ def test_ties_and_dare_with_the_model_as_base_are_the_model_at_any_density(xs, m
     (x,) = xs
     weights, densities, seeds = (list(v) for v in zip(*models))
     n = len(models)
-    assert torch.equal(ties(x, [x] * n, weights, densities, lambda_, normalize), x)
-    assert torch.equal(dare_linear(x, [x] * n, weights, densities, seeds, lambda_, normalize, rescale), x)
-    assert torch.equal(dare_ties(x, [x] * n, weights, densities, seeds, lambda_, normalize, rescale), x)
+    for method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"):
+        got = merge_tensor(method, x, [x] * n, seeds, weight=weights, density=densities, lambda_=lambda_, normalize=normalize,
+                           rescale=rescale)
+        assert torch.equal(got, x), method
 
 
 @SETTINGS
@@ -101,9 +102,30 @@ def test_normalized_ties_and_dare_at_density_one_of_one_model_repeated_are_the_m
     base, x = xs
     n = len(weights)
     scale = base.abs() + x.abs()  # b + ((x - b) w / w) rounds at the size of |b| and |x|
-    assert close(ties(base, [x] * n, weights, [1.0] * n, 1.0, True), x, 4 * scale)
-    assert close(dare_linear(base, [x] * n, weights, [1.0] * n, [seed] * n, 1.0, True), x, 4 * scale)
-    assert close(dare_ties(base, [x] * n, weights, [1.0] * n, [seed] * n, 1.0, True), x, 4 * scale)
+    for method in ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear"):
+        got = merge_tensor(method, base, [x] * n, [seed] * n, weight=weights, density=[1.0] * n, normalize=True)
+        assert close(got, x, 4 * scale), method
+
+
+@settings(SETTINGS, max_examples=30)
+@given(tensors(2), st.floats(0, 1), st.lists(WEIGHTS, min_size=2, max_size=2))
+def test_spherical_and_stock_merges_of_a_model_with_itself_are_the_model(xs, t, weights):
+    base, x = xs
+    assume(float(x.norm()) > 1e-3)  # karcher leaves out tensors of norm <= tol (1e-5), as mergekit
+    scale = 4 * (x.abs() + base.abs())
+    assert close(merge_tensor("slerp", x, [x], t=t), x, scale), "slerp"
+    assert close(merge_tensor("nuslerp", None, [x, x], weight=weights), x, scale), "nuslerp"
+    assert close(merge_tensor("multislerp", None, [x, x], weight=weights), x, scale), "multislerp"
+    assert close(merge_tensor("karcher", None, [x, x, x]), x, scale), "karcher"
+    assert close(merge_tensor("model_stock", base, [x, x]), x, scale), "model_stock"
+    assert close(merge_tensor("sce", base, [x, x]), x, scale), "sce"
+
+
+@settings(SETTINGS, max_examples=30)
+@given(tensors(2))
+def test_nearswap_at_t_zero_is_the_base(xs):
+    base, x = xs
+    assert torch.equal(merge_tensor("nearswap", base, [x], t=0.0), base)
 
 
 # -- DRIFT rules ------------------------------------------------------------------------------------------

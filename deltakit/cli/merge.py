@@ -12,7 +12,7 @@ from deltakit.errors import DeltakitError
 from deltakit.merge.config import METHODS, OUT_DTYPES, MergeConfig
 
 
-_RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_", "keep_layers", "modules", "layers",
+_RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_", "keep_layers", "t", "modules", "layers",
                  "skip_first", "include", "exclude", "out_dtype", "seed")
 
 
@@ -22,10 +22,12 @@ _RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_",
 @click.option("--llm", help="The text-only (reasoning) model merged into the MLLM's text tower.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="linear", show_default=True)
 @click.option("--alpha", type=float, default=0.9, show_default=True, help="Weight of the MLLM (the LLM gets 1 - alpha).")
-@click.option("--base", help="Base model for task_arithmetic, ties and dare_* (the deltas' common ancestor).")
-@click.option("--density", type=float, help="Fraction of each delta kept (ties, dare_*).")
-@click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task_arithmetic, ties, dare_*).")
+@click.option("--base", help="Base model (the deltas' common ancestor) for the methods that take one; slerp and nearswap: "
+              "default the MLLM.")
+@click.option("--density", type=float, help="Fraction of each delta kept (ties, dare_*, breadcrumbs*, della*).")
+@click.option("--lambda", "lambda_", type=float, help="Scale of the merged delta (task_arithmetic, ties, dare_*, ...).")
 @click.option("--keep-layers", type=int, help="layer_swap: the first K layers keep the MLLM's weights (default 5).")
+@click.option("--t", "t", type=float, help="slerp: the LLM's share (default 1 - alpha); nearswap: the distance threshold.")
 @selection_options("merge")
 @click.option("--out-dtype", type=click.Choice(list(OUT_DTYPES)), help="dtype of the written tensors (default: the MLLM's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop.")
@@ -33,7 +35,7 @@ _RECIPE_FLAGS = ("mllm", "llm", "method", "alpha", "base", "density", "lambda_",
 @force_option
 @json_option
 def command(args: tuple[str, ...], mllm: str | None, llm: str | None, method: str, alpha: float, base: str | None,
-            density: float | None, lambda_: float | None, keep_layers: int | None, modules: str, layers: str | None,
+            density: float | None, lambda_: float | None, keep_layers: int | None, t: float | None, modules: str, layers: str | None,
             skip_first: int, include: str | None, exclude: str | None, out_dtype: str | None, seed: int,
             threads: int | None, force: bool, json_path: Path | None) -> None:
     """Merge a text LLM into an MLLM's text tower: `merge --mllm A --llm B OUT` or `merge CONFIG.yaml OUT`."""
@@ -50,7 +52,7 @@ def command(args: tuple[str, ...], mllm: str | None, llm: str | None, method: st
         if not (mllm and llm):
             raise DeltakitError("without a CONFIG.yaml, both --mllm and --llm are needed")
         config = MergeConfig.simple(mllm, llm, method=method, alpha=alpha, base=base, density=density, lambda_=lambda_,
-                                    keep_layers=keep_layers, modules=modules, layers=layers, skip_first=skip_first,
+                                    keep_layers=keep_layers, t=t, modules=modules, layers=layers, skip_first=skip_first,
                                     include=include, exclude=exclude, out_dtype=out_dtype, seed=seed)
     else:
         raise DeltakitError(f"expected [CONFIG.yaml] OUT, got {len(args)} arguments")

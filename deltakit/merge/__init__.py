@@ -1,7 +1,8 @@
-"""Naive-merge baselines (linear/BR2V, task arithmetic, TIES, DARE, layer swap) that produce loadable MLLM checkpoints.
+"""Naive-merge baselines (linear/BR2V, task arithmetic, TIES, DARE, Breadcrumbs, DELLA, SLERP and its variants,
+Karcher, Model Stock, NearSwap, SCE, layer swap) that produce loadable MLLM checkpoints.
 
 ``merge(config, out)`` merges the text towers named by a :class:`MergeConfig` into a copy of the MLLM;
-:mod:`deltakit.merge.methods` holds the pure tensor formulas.
+``METHODS`` is the registry (one entry per method); :mod:`deltakit.merge.methods` holds the tensor kernels.
 """
 
 import importlib

@@ -1,14 +1,14 @@
 """Merge configurations: mergekit-shaped YAML plus the roles and module selection a multimodal merge needs.
 
 ```yaml
-merge_method: linear            # linear | task_arithmetic | ties | dare_linear | dare_ties | layer_swap
+merge_method: linear            # any name in METHODS: linear, ties, slerp, della, model_stock, ... (docs/merge.md)
 mllm: models/Qwen2.5-VL-7B-Instruct   # optional: the model whose layout, vision tower and files the output keeps
 models:
   - model: models/Qwen2.5-VL-7B-Instruct
     parameters: {weight: 0.9}
   - model: models/DeepSeek-R1-Distill-Qwen-7B
     parameters: {weight: 0.1}
-base_model: models/Qwen2.5-7B   # required by task_arithmetic, ties, dare_*
+base_model: models/Qwen2.5-7B   # required by task_arithmetic, ties, dare_*, slerp, ... (METHODS[...].base)
 parameters: {normalize: true}   # shared parameters, and defaults for per-model ones
 dtype: float32                  # compute dtype (float32, float64; bfloat16/float16 as in mergekit, lossy)
 out_dtype: bfloat16             # dtype of the written tensors (default: the MLLM's own)
@@ -17,7 +17,7 @@ layers: "0:28"                  # merge only these layers (the grammar of --laye
 skip_first: 0                   # and not the first N layers
 include: []                     # canonical-name globs a merged tensor must match (any), e.g. "layers.*.mlp.*"
 exclude: []                     # canonical-name globs never merged, e.g. "layers.*.self_attn.*.bias"
-seed: 0                         # DARE's random drop
+seed: 0                         # the random drops of dare_* and della*
 ```
 
 A parameter value is a number, a list of numbers (a gradient interpolated across the layers, as in
@@ -27,10 +27,10 @@ the tensor's canonical or on-disk name wins; an entry without filter matches eve
 
 from __future__ import annotations
 
+import functools
 import math
-
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,29 +52,86 @@ class MergeConfigError(DeltakitError):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method: per-model and shared parameters, each with its default (None = required), and how
-    the engine streams it: ``rows`` (independent row blocks), ``tensor`` (one unit per tensor: a whole-tensor
-    statistic first, as TIES's top-k threshold) or ``dare`` (the fixed row blocks its seeded random mask is drawn in)."""
+    """One merge method: everything the planner, the streaming driver and the validation need to know about it.
+
+    - ``base``: ``"required"``, ``"optional"`` (used when ``base_model`` is given) or ``"ignored"``.
+    - ``models``: how many non-base models it takes, ``(min, max)`` (``max`` None: any number).
+    - ``model_params`` / ``shared_params``: per-model and shared parameters with their defaults (None: required).
+    - ``kernel``: the name of its :class:`deltakit.merge.methods.Kernel` class, built with ``options``; the
+      kernel says per tensor whether it needs whole-tensor statistic scans before its rows (``scanning``).
+    - ``streaming``: what the engine does for it, in words (row blocks, or which whole-tensor statistic first).
+    - ``rng``: it draws seeded random masks, so its row blocks are the fixed blocks of
+      :func:`deltakit.merge.methods.dare_block_rows`, one generator per block seeded from ``seed``, model and tensor.
+    - ``interpolates``: its weights are shares of one tensor (a warning when they do not sum to 1).
+    """
 
     name: str
-    needs_base: bool
+    base: str
     model_params: dict[str, Any]
     shared_params: dict[str, Any]
-    streaming: str = "rows"
+    kernel_name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    models: tuple[int, int | None] = (1, None)
+    streaming: str = "row blocks"
+    rng: bool = False
+    interpolates: bool = False
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    @property
+    def kernel(self) -> Callable[..., Any]:
+        """The kernel factory ``(params, shape, models, seeds) -> Kernel`` (imports torch)."""
+        from deltakit.merge import methods
+
+        return functools.partial(getattr(methods, self.kernel_name), **self.options)
 
 
-_GTA_SHARED = {"lambda": 1.0, "int8_mask": False}
+_GTA = {"lambda": 1.0, "int8_mask": False}
+_TOPK = "a whole-tensor unit: exact k-th largest |delta| per model first (TopK: a sample, one counting scan)"
+_L1 = "; with rescale, a scan for each delta's L1 norm before and after the drop"
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("linear", False, {"weight": None}, {"normalize": True}),
-        MethodSpec("task_arithmetic", True, {"weight": None}, {**_GTA_SHARED, "normalize": False}),
-        MethodSpec("ties", True, {"weight": None, "density": 1.0}, {**_GTA_SHARED, "normalize": True}, "tensor"),
-        MethodSpec("dare_linear", True, {"weight": None, "density": 1.0},
-                   {**_GTA_SHARED, "normalize": False, "rescale": True}, "dare"),
-        MethodSpec("dare_ties", True, {"weight": None, "density": 1.0},
-                   {**_GTA_SHARED, "normalize": False, "rescale": True}, "dare"),
-        MethodSpec("layer_swap", False, {"weight": None}, {"keep_layers": 5, "normalize": True}),
+        MethodSpec("linear", "ignored", {"weight": None}, {"normalize": True}, "Linear", interpolates=True),
+        MethodSpec("task_arithmetic", "required", {"weight": None}, {**_GTA, "normalize": False}, "TaskArithmetic"),
+        MethodSpec("ties", "required", {"weight": None, "density": 1.0}, {**_GTA, "normalize": True, "rescale": False},
+                   "TaskArithmetic", {"sparsify": "magnitude", "consensus": True}, streaming=_TOPK + _L1),
+        MethodSpec("dare_linear", "required", {"weight": None, "density": 1.0}, {**_GTA, "normalize": False, "rescale": True},
+                   "TaskArithmetic", {"sparsify": "random"}, rng=True,
+                   streaming="seeded random blocks" + _L1 + " (a whole-tensor unit)"),
+        MethodSpec("dare_ties", "required", {"weight": None, "density": 1.0}, {**_GTA, "normalize": False, "rescale": True},
+                   "TaskArithmetic", {"sparsify": "random", "consensus": True}, rng=True,
+                   streaming="seeded random blocks" + _L1 + " (a whole-tensor unit)"),
+        MethodSpec("breadcrumbs", "required", {"weight": None, "density": 1.0, "gamma": 0.01},
+                   {**_GTA, "normalize": False, "rescale": False}, "TaskArithmetic", {"sparsify": "outliers"},
+                   streaming="a whole-tensor unit: two exact top-k thresholds of |delta| per model (TopK)" + _L1),
+        MethodSpec("breadcrumbs_ties", "required", {"weight": None, "density": 1.0, "gamma": 0.01},
+                   {**_GTA, "normalize": False, "rescale": False}, "TaskArithmetic", {"sparsify": "outliers", "consensus": True},
+                   streaming="a whole-tensor unit: two exact top-k thresholds of |delta| per model (TopK)" + _L1),
+        MethodSpec("della", "required", {"weight": None, "density": 1.0, "epsilon": 0.15},
+                   {**_GTA, "normalize": True, "rescale": True}, "TaskArithmetic", {"sparsify": "della", "consensus": True},
+                   rng=True, streaming="seeded random blocks of whole rows (per-row magnitude ranks)" + _L1),
+        MethodSpec("della_linear", "required", {"weight": None, "density": 1.0, "epsilon": 0.15},
+                   {**_GTA, "normalize": False, "rescale": True}, "TaskArithmetic", {"sparsify": "della"},
+                   rng=True, streaming="seeded random blocks of whole rows (per-row magnitude ranks)" + _L1),
+        MethodSpec("layer_swap", "ignored", {"weight": None}, {"keep_layers": 5, "normalize": True}, "Linear", interpolates=True),
+        MethodSpec("slerp", "required", {}, {"t": None}, "Slerp", models=(1, 1),
+                   streaming="a whole-tensor unit: |a|^2, |b|^2, <a, b> first, then row blocks"),
+        MethodSpec("nuslerp", "optional", {"weight": None}, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, "NuSlerp",
+                   models=(2, 2), streaming="flatten: a whole-tensor unit (<v0, v1>, |v0|, |v1| first); row_wise: per-column "
+                   "statistics first; otherwise independent row blocks"),
+        MethodSpec("multislerp", "optional", {"weight": None}, {"normalize_weights": True, "eps": 1e-8}, "MultiSlerp",
+                   streaming="a whole-tensor unit: the Gram matrix of the (delta) tensors first, then row blocks"),
+        MethodSpec("karcher", "ignored", {}, {"max_iter": 10, "tol": 1e-5}, "Karcher",
+                   streaming="a whole-tensor unit: the inputs' Gram matrix first (the iteration runs on it), then row blocks"),
+        MethodSpec("model_stock", "required", {}, {"filter_wise": False}, "ModelStock", models=(2, None),
+                   streaming="a whole-tensor unit: the deltas' Gram matrix (pairwise angles) first; filter_wise: row blocks"),
+        MethodSpec("nearswap", "required", {}, {"t": None}, "NearSwap", models=(1, 1)),
+        MethodSpec("sce", "required", {}, {"select_topk": 1.0, "int8_mask": False}, "Sce",
+                   streaming="a whole-tensor unit: exact top-k of the deltas' variance (TopK), then each delta's "
+                   "mean square, then row blocks"),
     )
 }
 DEFAULT_MODULES = SELECTION_DEFAULTS["merge"]
@@ -105,7 +162,8 @@ class _TorchDtypes(Mapping[str, "torch.dtype"]):
 
 COMPUTE_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes("float32", "float64", "bfloat16", "float16")
 OUT_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes("float32", "bfloat16", "float16")
-_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask", "normalize_weights", "nuslerp_row_wise", "nuslerp_flatten", "filter_wise")
+_INT_PARAMS = ("keep_layers", "max_iter")
 _SELECTION_KEYS = ("modules", "layers", "skip_first", "include", "exclude")
 _TOP_KEYS = ("merge_method", "mllm", "models", "base_model", "parameters", "dtype", "out_dtype", *_SELECTION_KEYS, "seed")
 
@@ -221,18 +279,27 @@ class MergeConfig:
                density: float | None = None, lambda_: float | None = None, keep_layers: int | None = None,
                modules: str | tuple[str, ...] = DEFAULT_MODULES, layers: str | None = None, skip_first: int = 0,
                include: str | tuple[str, ...] = (), exclude: str | tuple[str, ...] = (),
-               out_dtype: str | None = None, seed: int = 0) -> "MergeConfig":
-        """The two-model case: the MLLM weighted ``alpha``, the LLM ``1 - alpha`` (BR2V linear with 0.9 by default)."""
+               out_dtype: str | None = None, seed: int = 0, t: float | None = None) -> "MergeConfig":
+        """The two-model case: the MLLM weighted ``alpha``, the LLM ``1 - alpha`` (BR2V linear with 0.9 by default).
+
+        For a method without weights that interpolates from a base (``slerp``, ``nearswap``) the MLLM is the
+        base unless ``base`` is given; ``slerp``'s ``t`` (the LLM's share) defaults to ``1 - alpha``.
+        """
+        spec = METHODS.get(method)
         shared: dict[str, Any] = {}
-        if density is not None:
-            shared["density"] = density
-        if lambda_ is not None:
-            shared["lambda"] = lambda_
-        if keep_layers is not None:
-            shared["keep_layers"] = keep_layers
+        for name, value in (("density", density), ("lambda", lambda_), ("keep_layers", keep_layers), ("t", t)):
+            if value is not None:
+                shared[name] = value
+        weighted = spec is None or "weight" in spec.model_params
+        if spec is not None and spec.needs_base and spec.models == (1, 1) and base is None:
+            base = mllm
+        if method == "slerp" and t is None:
+            shared["t"] = round(1.0 - alpha, 12)
+        models = [ModelEntry(mllm, {"weight": alpha}), ModelEntry(llm, {"weight": round(1.0 - alpha, 12)})] if weighted \
+            else [ModelEntry(mllm), ModelEntry(llm)]
         return cls(
             merge_method=method,
-            models=[ModelEntry(mllm, {"weight": alpha}), ModelEntry(llm, {"weight": round(1.0 - alpha, 12)})],
+            models=models,
             base_model=ModelEntry(base) if base else None,
             mllm=mllm,
             parameters=shared,
@@ -251,9 +318,14 @@ class MergeConfig:
         return METHODS[self.merge_method]
 
     @property
+    def uses_base(self) -> bool:
+        """Whether the method reads ``base_model`` (required, or optional and given)."""
+        return self.spec.needs_base or (self.spec.base == "optional" and self.base_model is not None)
+
+    @property
     def non_base(self) -> list[ModelEntry]:
         """The models that contribute deltas or weights (the base is skipped if also listed, as in mergekit)."""
-        if self.base_model is None or not self.spec.needs_base:
+        if self.base_model is None or not self.uses_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model.model]
 
@@ -272,7 +344,13 @@ class MergeConfig:
             raise MergeConfigError(f"seed must be an integer, got {self.seed!r}")
         if not self.non_base:
             raise MergeConfigError("no model to merge besides the base_model")
-        paths = [m.model for m in self.models] + ([self.base_model.model] if spec.needs_base else [])
+        low, high = spec.models
+        n = len(self.non_base)
+        if n < low or (high is not None and n > high):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            besides = " besides the base_model" if self.uses_base else ""
+            raise MergeConfigError(f"merge_method {spec.name} takes {want} model(s){besides}, got {n}")
+        paths = [m.model for m in self.models] + ([self.base_model.model] if self.uses_base else [])
         if self.mllm is not None and self.mllm not in paths:
             raise MergeConfigError(f"mllm {self.mllm!r} is not one of the models (or the base_model)")
         if spec.name == "layer_swap" and self.mllm is None and len(self.models) < 2:
@@ -288,6 +366,9 @@ class MergeConfig:
                     known = ", ".join(spec.model_params)
                     raise MergeConfigError(f"unknown per-model parameter {name!r} for {spec.name} on {m.model!r}; known: {known}")
                 check_setting(name, setting)
+        for name, default in spec.shared_params.items():
+            if default is None and name not in self.parameters:
+                raise MergeConfigError(f"merge_method {spec.name} needs the parameter {name!r} (under parameters:)")
         for m in self.non_base:
             for name, default in spec.model_params.items():
                 if default is None and name not in m.parameters and name not in self.parameters:
@@ -389,10 +470,14 @@ def check_setting(name: str, setting: Any) -> None:
             raise MergeConfigError(f"parameter {name!r}: {_short(v)} is too large for a float")
         elif isinstance(v, float) and not math.isfinite(v):
             raise MergeConfigError(f"parameter {name!r} must be a finite number, got {v!r}")
-        elif name == "density" and not 0 < v <= 1:
-            raise MergeConfigError(f"density must be in (0, 1], got {v!r}")
-        elif name == "keep_layers" and (not isinstance(v, int) or v < 0):
-            raise MergeConfigError(f"keep_layers must be a non-negative integer, got {v!r}")
+        elif name in ("density", "select_topk") and not 0 < v <= 1:
+            raise MergeConfigError(f"{name} must be in (0, 1], got {v!r}")
+        elif name in ("gamma", "epsilon") and not 0 <= v < 1:
+            raise MergeConfigError(f"{name} must be in [0, 1), got {v!r}")
+        elif name in ("tol", "eps") and not v > 0:
+            raise MergeConfigError(f"{name} must be positive, got {v!r}")
+        elif name in _INT_PARAMS and (not isinstance(v, int) or v < (1 if name == "max_iter" else 0)):
+            raise MergeConfigError(f"{name} must be a {'positive' if name == 'max_iter' else 'non-negative'} integer, got {v!r}")
 
 
 def evaluate_setting(setting: Any, names: tuple[str, ...], t: float) -> Any:

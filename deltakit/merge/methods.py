@@ -1,30 +1,35 @@
-"""Merge methods as pure tensor functions: tensors in (already in the compute dtype), one tensor out.
+"""Merge methods as tensor kernels: the inputs' row blocks (already in the compute dtype) in, merged rows out.
 
-Formulas (``x_i`` the models' tensors, ``b`` the base, ``w_i`` weights, ``d_i = x_i - b``):
+A :class:`Kernel` merges one tensor. A row-local method computes each row block on its own
+(:meth:`Kernel.rows`); a method that needs a whole-tensor statistic first (TIES's k-th magnitude, SLERP's
+angle, Model Stock's cosines, SCE's variance top-k and weights, DARE/DELLA's L1 rescale) scans the
+tensor's row blocks in order (:meth:`Kernel.observe`, repeated while :meth:`Kernel.scanning`), then
+writes its rows. ``deltakit.merge.config.METHODS`` names each method's kernel class and options; the
+streaming driver (``deltakit.merge.run``) and :func:`merge_tensor` (the whole tensor as one block, the
+form the tests and property checks use) are the only callers. Statistics are summed in float64
+(``deltakit.engine.sums``), rows are computed in the compute dtype with mergekit's order of operations.
 
-- :func:`linear`: ``sum w_i x_i`` (divided by ``sum w_i`` when ``normalize``).
-- :func:`task_arithmetic`: ``b + lambda * sum w_i d_i`` (divided by ``sum w_i`` when ``normalize``).
-- :func:`ties`: each ``d_i`` keeps its ``density_i`` largest-magnitude entries; per entry the sign of
-  ``sum w_i d_i`` is elected and only the agreeing ``w_i d_i`` are summed (divided by the sum of their
-  weights when ``normalize``, the TIES disjoint mean); ``b + lambda * that``.
-- :func:`dare_linear` / :func:`dare_ties`: each ``d_i`` keeps a seeded random ``density_i`` fraction of
-  its entries, rescaled by ``1/density_i`` when ``rescale``; then task arithmetic or the TIES sign
-  election as above.
-
-Parameter names and defaults follow mergekit; see docs/merge.md for the intended differences.
+Notation: ``x_i`` the models' tensors, ``b`` the base, ``w_i`` weights, ``d_i = x_i - b``. Formulas and
+their differences from mergekit 0.1.5 are in docs/merge.md.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
+from deltakit.engine.sums import dot64
 from deltakit.errors import DeltakitError
 
+Tensors = Sequence[torch.Tensor]
 
-def _weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+
+# -- small pieces -----------------------------------------------------------------------------------------
+def _weighted(tensors: Tensors, weights: Sequence[float]) -> torch.Tensor:
     """``sum w_i x_i`` into a new tensor (the inputs may be read-only mapped views)."""
     out = torch.mul(tensors[0], float(weights[0]))
     for t, w in zip(tensors[1:], weights[1:]):
@@ -41,24 +46,6 @@ def _safe_divisor(total: float) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``)."""
-    out = _weighted(tensors, weights)
-    divisor = _safe_divisor(sum(weights))
-    if normalize and divisor != 1.0:
-        out.div_(divisor)
-    return out
-
-
-def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                    lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
-    """``b + lambda * sum w_i (x_i - b)`` (divided by ``sum w_i`` when ``normalize``)."""
-    mixed = _weighted([x - base for x in tensors], weights)
-    if normalize:
-        mixed.div_(_safe_divisor(sum(weights)))
-    return _scaled(mixed, lambda_).add_(base)
-
-
 def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
     """``op(x, value)`` as 0/1 in ``x``'s dtype (a float mask: much faster to build and apply than a bool one)."""
     return op(x, value, out=torch.empty_like(x))
@@ -69,25 +56,96 @@ def _count(flag: torch.Tensor) -> int:
     return int(flag.sum() if flag.numel() < 1 << 24 else flag.sum(dtype=torch.float64))
 
 
-class TopK:
-    """Exact magnitude top-k of a tensor streamed in row-major blocks, without sorting it.
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Left-to-right sum into the first (fresh) tensor."""
+    it = iter(tensors)
+    out = next(it)
+    for t in it:
+        out.add_(t)
+    return out
 
-    A sample of ``|delta|`` brackets the k-th largest magnitude in ``[lo, hi]``; one scan over the blocks
-    (:meth:`observe`) counts the entries above ``hi`` and keeps the few inside the bracket, from which
-    :meth:`finish` reads the exact threshold ``t`` (a missed bracket widens and asks for another scan).
-    :meth:`keep` then keeps ``|delta| > t`` plus the first entries equal to ``t`` in row-major order, so
-    exactly ``k = max(1, int(density * n))`` entries are kept (mergekit's count; its tie order is unspecified).
+
+def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+    """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``)."""
+    out = _weighted(tensors, weights)
+    divisor = _safe_divisor(sum(weights))
+    if normalize and divisor != 1.0:
+        out.div_(divisor)
+    return out
+
+
+def task_arithmetic(base: torch.Tensor, tensors: Tensors, weights: Sequence[float],
+                    lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """``b + lambda * sum w_i (x_i - b)`` (divided by ``sum w_i`` when ``normalize``)."""
+    return combine(base, [x - base for x in tensors], weights, False, lambda_, normalize)
+
+
+def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
+            lambda_: float, normalize: bool) -> torch.Tensor:
+    """``base + lambda * mix(w_i d_i)`` for (sparsified) deltas (modified in place).
+
+    Without ``consensus`` the mix is the sum (divided by ``sum w_i`` when ``normalize``); with it, per
+    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only the non-zero terms of that sign
+    are summed (divided by the sum of their weights when ``normalize``: the TIES disjoint mean). The
+    operations and their order match mergekit's, so results agree to the bit; the election is written
+    with 0/1 float masks (sum of the positive parts where + wins, of the negative parts elsewhere).
+    """
+    weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
+    total = _sum([weighted[0].clone() if len(weighted) > 1 else weighted[0], *weighted[1:]])
+    if not consensus:
+        if normalize:
+            total.div_(_safe_divisor(sum(weights)))
+        return _scaled(total, lambda_).add_(base)
+    up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
+    pos = _sum(d.clamp(min=0) for d in weighted)
+    neg = _sum(d.clamp(max=0) for d in weighted)
+    mixed = pos.mul_(up).add_(neg.mul_(down))
+    if normalize:
+        w_pos = _sum(_flag(torch.gt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
+        w_neg = _sum(_flag(torch.lt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
+        divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
+        mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
+    return _scaled(mixed, lambda_).add_(base)
+
+
+def _elected(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """mergekit's ``get_mask(method="sum")``: 0/1 masks of the entries whose sign is that of ``sum d_i`` (0 counts as +)."""
+    total = _sum([deltas[0].clone(), *deltas[1:]])
+    up = _flag(torch.ge, total, 0.0)
+    return [torch.where(up.bool(), _flag(torch.gt, d, 0.0), _flag(torch.lt, d, 0.0)) for d in deltas]
+
+
+# -- exact streamed top-k ----------------------------------------------------------------------------------
+class TopK:
+    """Exact top-k of a non-negative tensor (a magnitude, a variance) streamed in row-major blocks, without sorting it.
+
+    A sample brackets the k-th largest value in ``[lo, hi]``; one scan over the blocks (:meth:`observe`)
+    counts the entries above ``hi`` and keeps the few inside the bracket, from which :meth:`finish`
+    reads the exact threshold ``t`` (a missed bracket widens and asks for another scan). :meth:`keep`
+    then keeps ``a > t`` plus the first entries equal to ``t`` in row-major order (:meth:`rewind` before
+    each ordered sweep), so exactly ``k`` entries are kept: ``max(1, int(density * n))`` by default
+    (mergekit's TIES count), or ``k`` as given, or with ``of_nonzero`` ``int(density * nonzero)`` (SCE's
+    count, known after the first scan). mergekit's sort leaves the order of tied entries unspecified.
     """
 
     SAMPLE = 1 << 16
 
-    def __init__(self, sample: torch.Tensor, numel: int, density: float):
-        self.k = numel if density >= 1 else (max(1, int(density * numel)) if numel else 0)
-        self.everything = self.k >= numel
+    def __init__(self, sample: torch.Tensor, numel: int, density: float = 1.0, *, k: int | None = None,
+                 of_nonzero: bool = False):
+        s = torch.sort(sample.reshape(-1).float()).values
+        self.numel, self.density, self.of_nonzero = numel, density, of_nonzero
+        if of_nonzero:
+            k = int(density * numel * (float((s != 0).float().mean()) if len(s) else 1.0))
+        elif k is None:
+            k = numel if density >= 1 else (max(1, int(density * numel)) if numel else 0)
+        self.k = min(max(k, 0), numel)
+        self.everything = self.k >= numel and not of_nonzero
+        self.nothing = self.k == 0 and not of_nonzero
         self.threshold: float | None = None
-        self._quota = 0
+        self._quota = self._quota0 = 0
         self._all_equal = True
-        s = torch.sort(sample.reshape(-1).float().abs()).values
+        self._nonzero = 0
+        self._scans = 0
         q = 1 - self.k / max(numel, 1)
         pos = q * (len(s) - 1)
         margin = 6 * (q * (1 - q) * len(s)) ** 0.5 + 2
@@ -97,7 +155,7 @@ class TopK:
 
     @property
     def done(self) -> bool:
-        return self.everything or self.threshold is not None
+        return self.everything or self.nothing or self.threshold is not None
 
     def _reset(self) -> None:
         self._above = 0
@@ -105,7 +163,9 @@ class TopK:
         self._n_inside = 0
 
     def observe(self, a: torch.Tensor) -> None:
-        """Count one block of ``|delta|`` (blocks in any order, each once per scan)."""
+        """Count one block (blocks in any order, each once per scan)."""
+        if self.of_nonzero and self._scans == 0:
+            self._nonzero += _count(_flag(torch.ne, a, 0.0))
         self._above += _count(_flag(torch.gt, a, self.hi))
         if self.lo == self.hi:
             self._n_inside += _count(_flag(torch.eq, a, self.hi))
@@ -116,6 +176,15 @@ class TopK:
 
     def finish(self) -> bool:
         """Resolve the threshold after a scan; False (bracket widened) if another scan is needed."""
+        self._scans += 1
+        if self.of_nonzero and self._scans == 1:
+            self.k = int(self.density * self._nonzero)
+            if self.k == 0:
+                self.nothing = True
+                return True
+            if self.k >= self.numel:
+                self.everything = True
+                return True
         rank = self.k - self._above  # the k-th largest is the rank-th largest inside [lo, hi]
         if 0 < rank <= self._n_inside:
             if self.lo == self.hi:
@@ -125,7 +194,7 @@ class TopK:
                 t = float(torch.kthvalue(inside, inside.numel() - rank + 1).values)
                 gt, eq = self._above + int((inside > t).sum()), int((inside == t).sum())
             self.threshold = t
-            self._quota = self.k - gt
+            self._quota = self._quota0 = self.k - gt
             self._all_equal = self._quota == eq
             self._inside = []
             return True
@@ -135,10 +204,16 @@ class TopK:
         self._reset()
         return False
 
+    def rewind(self) -> None:
+        """Start a new row-major sweep of :meth:`keep` (the entries tied at the threshold are counted again)."""
+        self._quota = self._quota0
+
     def keep(self, a: torch.Tensor) -> torch.Tensor | None:
-        """0/1 keep-mask (``a``'s dtype) of the next block of ``|delta|`` in row-major order (None: keep all)."""
+        """0/1 keep-mask (``a``'s dtype) of the next block in row-major order (None: keep all)."""
         if self.everything:
             return None
+        if self.nothing:
+            return torch.zeros_like(a)
         if self._all_equal:
             return _flag(torch.ge, a, self.threshold)
         keep = _flag(torch.gt, a, self.threshold)
@@ -170,124 +245,554 @@ def sample(t: torch.Tensor, size: int = TopK.SAMPLE) -> torch.Tensor:
     return picked[:, :: max(1, rows.shape[1] // per_row)]
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``max(1, int(density * n))`` largest-``|delta|`` entries (all for ``density >= 1``).
-
-    Entries tied with the k-th largest magnitude are taken in row-major order.
-    """
-    a = delta.abs()
-    top = TopK(sample(a), a.numel(), density)
-    while not top.done:
-        top.observe(a)
-        top.finish()
-    keep = top.keep(a)
-    return torch.ones_like(a, dtype=torch.bool) if keep is None else keep.bool()
-
-
+# -- seeded randomness -------------------------------------------------------------------------------------
 DARE_BLOCK = 1 << 20
 
 
 def dare_block_rows(shape: Sequence[int]) -> int:
-    """Rows per DARE random block: the mask of rows ``[j*R, (j+1)*R)`` is drawn with seed ``seed + j``."""
+    """Rows per random block: the uniforms of rows ``[j*R, (j+1)*R)`` are drawn with seed ``seed + j``."""
     return max(1, DARE_BLOCK // math.prod(shape[1:]))
 
 
-def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Seeded Bernoulli(``density``) 0/1 keep-mask for rows ``[first_row, first_row + shape[0])`` of a tensor.
+def uniform(shape: Sequence[int], seed: int, first_row: int = 0) -> torch.Tensor:
+    """Seeded float32 uniforms in [0, 1) for rows ``[first_row, first_row + shape[0])`` of a tensor.
 
-    Rows are cut in fixed blocks of :func:`dare_block_rows`; block ``j`` is ``rand < density`` with
-    ``rand = torch.rand(block shape)`` from a generator seeded ``seed + j``, so the mask does not depend on
-    how the work is chunked or threaded (``first_row`` must start a block).
+    Rows are cut in fixed blocks of :func:`dare_block_rows`; block ``j`` is ``torch.rand(block shape)``
+    from a generator seeded ``seed + j``, so the draw does not depend on how the work is chunked or
+    threaded (``first_row`` must start a block).
     """
     shape = tuple(shape)
     if not shape:
-        return torch.rand((), generator=torch.Generator().manual_seed(seed)).lt_(density).to(dtype)
+        return torch.rand((), generator=torch.Generator().manual_seed(seed))
     rows = dare_block_rows(shape)
     if first_row % rows:
         raise ValueError(f"first_row {first_row} does not start a DARE block of {rows} rows")
     parts = []
     for start in range(0, shape[0], rows):
         gen = torch.Generator().manual_seed(seed + (first_row + start) // rows)
-        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen).lt_(density))
-    mask = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return mask.to(dtype)
+        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Left-to-right sum into the first (fresh) tensor."""
-    it = iter(tensors)
-    out = next(it)
-    for t in it:
-        out.add_(t)
-    return out
+def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Seeded Bernoulli(``density``) 0/1 keep-mask: ``uniform(...) < density`` (see :func:`uniform`)."""
+    return uniform(shape, seed, first_row).lt_(density).to(dtype)
 
 
-def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
-            lambda_: float, normalize: bool) -> torch.Tensor:
-    """``base + lambda * mix(w_i d_i)`` for sparsified deltas (modified in place).
+def della_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probabilities: ``density - epsilon + 2 epsilon * (rank - 1) / (m - 1)`` per entry.
 
-    Without ``consensus`` the mix is the sum (divided by ``sum w_i`` when ``normalize``); with it, per
-    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only the non-zero terms of that sign
-    are summed (divided by the sum of their weights when ``normalize``: the TIES disjoint mean). The
-    operations and their order match mergekit's, so results agree to the bit; the election is written
-    with 0/1 float masks (sum of the positive parts where + wins, of the negative parts elsewhere).
+    ``rank`` is the entry's rank (1 = smallest) by magnitude along dimension 1 (within each row of a
+    matrix; a vector is one row), as mergekit's ``della_magprune``; a single entry gets ``density - epsilon``.
     """
-    weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
-    total = _sum([weighted[0].clone() if len(weighted) > 1 else weighted[0], *weighted[1:]])
-    if not consensus:
-        if normalize:
-            total.div_(_safe_divisor(sum(weights)))
-        return _scaled(total, lambda_).add_(base)
-    up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
-    pos = _sum(d.clamp(min=0) for d in weighted)
-    neg = _sum(d.clamp(max=0) for d in weighted)
-    mixed = pos.mul_(up).add_(neg.mul_(down))
-    if normalize:
-        w_pos = _sum(_flag(torch.gt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
-        w_neg = _sum(_flag(torch.lt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
-        divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
-        mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
-    return _scaled(mixed, lambda_).add_(base)
+    a = magnitude.unsqueeze(0) if magnitude.dim() < 2 else magnitude
+    m = a.shape[1]
+    order = torch.argsort(a, dim=1)
+    ranks = torch.empty_like(a).scatter_(1, order, torch.arange(m, dtype=a.dtype).reshape(
+        (1, m) + (1,) * (a.dim() - 2)).expand_as(a).contiguous())
+    probs = ranks.mul_(2 * epsilon / max(m - 1, 1)).add_(density - epsilon)
+    return probs.reshape(magnitude.shape)
 
 
-def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], densities: Sequence[float],
-         lambda_: float = 1.0, normalize: bool = True) -> torch.Tensor:
-    """TIES-merging: magnitude trim to ``density``, sign election, disjoint (weighted) mean, ``b + lambda * ...``."""
-    deltas = []
-    for x, rho in zip(tensors, densities):
-        d = x - base
-        deltas.append(d.mul_(magnitude_mask(d, rho)))
-    return combine(base, deltas, weights, True, lambda_, normalize)
+# -- kernels -----------------------------------------------------------------------------------------------
+class Kernel:
+    """The merge of one tensor of shape ``shape`` with resolved parameters ``p``.
 
-
-def _dare_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], densities: Sequence[float],
-                 seeds: Sequence[int], rescale: bool, first_row: int) -> list[torch.Tensor]:
-    deltas = []
-    for x, rho, seed in zip(tensors, densities, seeds):
-        d = x - base
-        if rho < 1:
-            d.mul_(random_mask(d.shape, rho, seed, first_row, d.dtype))
-            if rescale:
-                d.div_(rho)
-        deltas.append(d)
-    return deltas
-
-
-def dare_linear(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                densities: Sequence[float], seeds: Sequence[int], lambda_: float = 1.0, normalize: bool = False,
-                rescale: bool = True, first_row: int = 0) -> torch.Tensor:
-    """DARE + task arithmetic: seeded random drop to ``density`` (rescaled by ``1/density``), weighted sum.
-
-    ``first_row`` says where these rows sit in the full tensor (see :func:`random_mask`).
+    ``p`` holds shared parameters as scalars and per-model ones as lists (one per non-base model);
+    ``seeds`` are the per-model seeds of a method that draws random masks. A kernel whose
+    :meth:`scanning` is true before its first row is written gets every row block in order through
+    :meth:`observe` (and :meth:`end_scan` after each scan) until it is false; with ``sample`` set it first
+    gets samples of the inputs at the same positions (:meth:`prepare`). Row blocks start at row
+    ``start``; a kernel that scans is used by one thread, a row-local one by many (it keeps no state).
     """
-    deltas = _dare_deltas(base, tensors, densities, seeds, rescale, first_row)
-    return combine(base, deltas, weights, False, lambda_, normalize)
+
+    sample = False
+
+    def __init__(self, p: dict[str, Any], shape: Sequence[int], models: int, seeds: Sequence[int] = ()):
+        self.p, self.shape, self.models, self.seeds = p, tuple(shape), models, list(seeds)
+        self.numel = math.prod(self.shape)
+
+    def prepare(self, base: torch.Tensor | None, tensors: Tensors) -> None:
+        """Samples of the base and the tensors (same positions) before the first scan."""
+
+    def scanning(self) -> bool:
+        """Whether another statistic scan over the row blocks is needed before the rows are written."""
+        return False
+
+    def observe(self, start: int, base: torch.Tensor | None, tensors: Tensors) -> None:
+        raise NotImplementedError
+
+    def end_scan(self) -> None:
+        """Called after each complete scan."""
+
+    def rows(self, start: int, base: torch.Tensor | None, tensors: Tensors) -> torch.Tensor:
+        """The merged rows ``[start, start + len)`` (a new tensor in the compute dtype)."""
+        raise NotImplementedError
 
 
-def dare_ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
-              densities: Sequence[float], seeds: Sequence[int], lambda_: float = 1.0, normalize: bool = False,
-              rescale: bool = True, first_row: int = 0) -> torch.Tensor:
-    """DARE + TIES sign election: seeded random drop (rescaled by ``1/density``), sign consensus, sum."""
-    deltas = _dare_deltas(base, tensors, densities, seeds, rescale, first_row)
-    return combine(base, deltas, weights, True, lambda_, normalize)
+class Linear(Kernel):
+    """``linear`` (and ``layer_swap``, whose first layers get the MLLM's weight 1): :func:`linear`."""
+
+    def rows(self, start, base, tensors):
+        return linear(tensors, self.p["weight"], self.p["normalize"])
+
+
+class TaskArithmetic(Kernel):
+    """mergekit's generalized task arithmetic: each ``d_i`` sparsified (``sparsify``), optionally rescaled to
+    its L1 norm (``rescale``), weighted, mixed (sum, or the TIES sign election with ``consensus``), ``b + lambda * mix``.
+
+    ``sparsify``: None (task arithmetic), ``"magnitude"`` (TIES: the ``max(1, int(density n))`` largest
+    ``|d|``), ``"outliers"`` (Breadcrumbs: of ``|d|`` sorted ascending, ranks ``[n_bot, n_bot + int(density n))``
+    with ``n_bot = max(0, n - int(density n) - int(gamma n))``: the largest ``gamma`` fraction and the
+    smallest dropped), ``"random"`` (DARE: Bernoulli(``density``)), ``"della"`` (DELLA: Bernoulli of
+    :func:`della_probabilities`). A model with ``density >= 1`` is not sparsified (nor rescaled).
+    ``rescale`` multiplies a sparsified delta by ``|d|_1 / |masked d|_1`` over the whole tensor (left
+    as is when either is below 1e-7), as mergekit 0.1.5.
+    """
+
+    def __init__(self, p, shape, models, seeds=(), sparsify: str | None = None, consensus: bool = False):
+        super().__init__(p, shape, models, seeds)
+        self.consensus = consensus
+        n = models
+        densities = p.get("density", [1.0] * n)
+        self.active = [sparsify is not None and rho < 1 for rho in densities]
+        self.sparsify = sparsify
+        self.sample = sparsify in ("magnitude", "outliers") and any(self.active)
+        self.tops: list[list[TopK]] = [[] for _ in range(n)]
+        self.rescale = bool(p.get("rescale", False)) and any(self.active)
+        self.l1 = [[0.0, 0.0] for _ in range(n)]
+        self.factor: list[float | None] = [None] * n
+        self._dtype = torch.float32
+        self._drawn: dict[tuple[int, int], np.ndarray] = {}  # random masks of the L1 scan, as bits, for the rows
+        self._phase = "topk" if self.sample else ("l1" if self.rescale else "rows")
+        if sparsify == "della":
+            for rho, eps in zip(densities, p["epsilon"]):
+                if rho < 1 and not (0 < rho - eps and rho + eps < 1):
+                    raise DeltakitError(f"della: epsilon {eps:g} with density {rho:g}: density +/- epsilon must lie in (0, 1)")
+
+    def prepare(self, base, tensors):
+        for i, (x, rho) in enumerate(zip(tensors, self.p["density"])):
+            if not self.active[i]:
+                continue
+            s = (x - base).abs_()
+            if self.sparsify == "magnitude":
+                self.tops[i] = [TopK(s, self.numel, rho)]
+            else:  # keep top (n - n_bot) minus top (n - n_bot - target): ranks [n_bot, n_bot + target) ascending
+                target, top = int(rho * self.numel), int(self.p["gamma"][i] * self.numel)
+                bottom = max(0, self.numel - target - top)
+                self.tops[i] = [TopK(s, self.numel, k=self.numel - bottom), TopK(s, self.numel, k=self.numel - bottom - target)]
+
+    def scanning(self):
+        return self._phase != "rows"
+
+    def observe(self, start, base, tensors):
+        for i, x in enumerate(tensors):
+            if not self.active[i]:
+                continue
+            d = x - base
+            if self._phase == "topk":
+                a = d.abs_()
+                for top in self.tops[i]:
+                    if not top.done:
+                        top.observe(a)
+            else:
+                self._dtype = d.dtype
+                self.l1[i][0] += float(d.abs().sum())
+                self.l1[i][1] += float(d.mul_(self._mask(i, start, d)).abs_().sum())
+
+    def end_scan(self):
+        if self._phase == "topk":
+            for tops in self.tops:
+                for top in tops:
+                    if not top.done:
+                        top.finish()
+            if all(top.done for tops in self.tops for top in tops):
+                self._phase = "l1" if self.rescale else "rows"
+        elif self._phase == "l1":
+            for i, (before, after) in enumerate(self.l1):
+                if self.active[i]:
+                    # mergekit divides the two sums in the compute dtype
+                    ratio = torch.tensor(before, dtype=self._dtype) / torch.tensor(after, dtype=self._dtype)
+                    self.factor[i] = None if before < 1e-7 or after < 1e-7 else float(ratio)
+            self._phase = "rows"
+        for tops in self.tops:
+            for top in tops:
+                top.rewind()
+
+    def _mask(self, i: int, start: int, d: torch.Tensor) -> torch.Tensor:
+        rho = self.p["density"][i]
+        if self.sparsify == "magnitude":
+            keep = self.tops[i][0].keep(d.abs())
+            return torch.ones_like(d) if keep is None else keep
+        if self.sparsify == "outliers":
+            a = d.abs()
+            keep, drop = (top.keep(a) for top in self.tops[i])
+            return (torch.ones_like(d) if keep is None else keep).sub_(torch.ones_like(d) if drop is None else drop)
+        bits = self._drawn.pop((i, start), None)
+        if bits is not None:
+            return torch.from_numpy(np.unpackbits(bits, count=d.numel())).reshape(d.shape).to(d.dtype)
+        u = uniform(d.shape, self.seeds[i], start).to(d.dtype)
+        if self.sparsify == "random":
+            keep = u.lt_(rho)
+        else:
+            keep = torch.lt(u, della_probabilities(d.abs(), rho, self.p["epsilon"][i])).to(d.dtype)
+        if self._phase == "l1":  # drawn once: kept as bits (1/32 of the block) until its rows are written
+            self._drawn[(i, start)] = np.packbits(keep.to(torch.bool).numpy().reshape(-1))
+        return keep
+
+    def rows(self, start, base, tensors):
+        deltas = []
+        for i, x in enumerate(tensors):
+            d = x - base
+            if self.active[i]:
+                d.mul_(self._mask(i, start, d))
+                if self.factor[i] is not None:
+                    d.mul_(self.factor[i])
+            deltas.append(d)
+        return combine(base, deltas, self.p["weight"], self.consensus, self.p["lambda"], self.p["normalize"])
+
+
+class _Gram(Kernel):
+    """A kernel whose statistic is the Gram matrix ``<v_i, v_j>`` (float64) of its vectors (:meth:`vectors`) over the tensor."""
+
+    def __init__(self, p, shape, models, seeds=()):
+        super().__init__(p, shape, models, seeds)
+        self.gram: torch.Tensor | None = None
+        self._scanned = False
+
+    def vectors(self, base: torch.Tensor | None, tensors: Tensors) -> list[torch.Tensor]:
+        return list(tensors) if base is None else [x - base for x in tensors]
+
+    def scanning(self):
+        return not self._scanned
+
+    def observe(self, start, base, tensors):
+        v = self.vectors(base, tensors)
+        g = [[0.0] * len(v) for _ in v]
+        for i in range(len(v)):
+            for j in range(i, len(v)):
+                g[i][j] = g[j][i] = dot64(v[i], v[j])
+        g = torch.tensor(g, dtype=torch.float64)
+        self.gram = g if self.gram is None else self.gram.add_(g)
+
+    def end_scan(self):
+        self._scanned = True
+        self.solve(self.gram)
+
+    def solve(self, gram: torch.Tensor) -> None:
+        """Turn the Gram matrix into the coefficients the rows need."""
+
+
+class Slerp(_Gram):
+    """mergekit ``slerp``: spherical interpolation from the base ``a`` (t = 0) to the other model ``b`` (t = 1),
+    over the whole tensor: ``cos = <a, b> / (|a| |b|)`` (norms <= 1e-8 count as 1); ``(1 - t) a + t b`` when
+    ``|cos| > 0.9995``, else ``sin((1-t) theta) / sin theta * a + sin(t theta) / sin theta * b``."""
+
+    def vectors(self, base, tensors):
+        return [base, tensors[0]]
+
+    def solve(self, g):
+        t = float(self.p["t"])
+        na, nb = (math.sqrt(float(g[i, i])) for i in (0, 1))
+        na, nb = (n if n > 1e-8 else 1.0 for n in (na, nb))
+        dot = max(-1.0, min(1.0, float(g[0, 1]) / (na * nb)))
+        if abs(dot) > 0.9995:
+            self.coef = (1 - t, t)
+        else:
+            theta = math.acos(dot)
+            self.coef = (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
+
+    def rows(self, start, base, tensors):
+        return torch.mul(base, self.coef[0]).add_(tensors[0], alpha=self.coef[1])
+
+
+def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot: torch.Tensor, n0: torch.Tensor,
+                     n1: torch.Tensor) -> torch.Tensor:
+    """mergekit's ``nuslerp`` on vectors with the given dot products and norms (broadcast against ``v0``)."""
+    cos = (dot / (n0.clamp(min=1e-7) * n1.clamp(min=1e-7))).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    s = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta).to(v0.dtype) * v0 + torch.sin(t * theta).to(v0.dtype) * v1) / s.to(v0.dtype)
+    return torch.where(colinear, (1 - t) * v0 + t * v1, out)
+
+
+class NuSlerp(Kernel):
+    """mergekit ``nuslerp``: SLERP of two models (or of their deltas from an optional base, added back) with
+    ``t = w_1 / (w_0 + w_1)`` (0.5 when the weights sum to 0), over the whole tensor (``nuslerp_flatten``, the
+    default), each row (last dimension), or each column (``nuslerp_row_wise``: vectors along dimension 0).
+    Near-colinear vectors (``1 - cos^2 <= 1e-16``) interpolate linearly; the output is *not* renormalised."""
+
+    def __init__(self, p, shape, models, seeds=()):
+        super().__init__(p, shape, models, seeds)
+        w0, w1 = p["weight"]
+        self.t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+        self.mode = "flat" if p["nuslerp_flatten"] else ("columns" if p["nuslerp_row_wise"] else "rows")
+        self._acc: torch.Tensor | None = None
+        self._stats: list[torch.Tensor] | None = None
+
+    def _pair(self, base, tensors):
+        return (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
+
+    def scanning(self):
+        return self.mode != "rows" and self._stats is None
+
+    def observe(self, start, base, tensors):
+        v0, v1 = self._pair(base, tensors)
+        if self.mode == "flat":
+            part = torch.tensor([dot64(v0, v1), dot64(v0, v0), dot64(v1, v1)], dtype=torch.float64)
+        else:  # per column (dimension 0 summed)
+            part = torch.stack([(v0 * v1).double().sum(0), (v0 * v0).double().sum(0), (v1 * v1).double().sum(0)])
+        self._acc = part if self._acc is None else self._acc.add_(part)
+
+    def end_scan(self):
+        dot, s0, s1 = self._acc
+        self._stats = [dot, s0.sqrt(), s1.sqrt()]
+
+    def rows(self, start, base, tensors):
+        v0, v1 = self._pair(base, tensors)
+        if self.mode == "rows":
+            a, b = (v.reshape(-1, v.shape[-1] if v.dim() else 1) for v in (v0, v1))
+            dot = (a * b).sum(-1, keepdim=True)
+            out = _nuslerp_vectors(self.t, a, b, dot, a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)).reshape(v0.shape)
+        else:
+            dot, n0, n1 = (s.to(v0.dtype) for s in self._stats)
+            out = _nuslerp_vectors(self.t, v0, v1, dot, n0, n1)
+        return out if base is None else out.add_(base)
+
+
+class MultiSlerp(_Gram):
+    """mergekit ``multislerp``: the weighted mean direction of the unit tensors (or unit deltas from an optional
+    base), scaled to the weighted mean norm: ``sum w_i |v_i| * m / |m|`` with ``m = sum w_i v_i / (|v_i| + eps)``
+    (weights divided by their sum with ``normalize_weights``). mergekit's tangent-space step adds
+    ``sum w_i (u_i - <u_i, m^> m^) = m - |m| m^ = 0``, so it changes nothing but rounding (docs/merge.md).
+    One model: that model; ``|m| < eps``: two models interpolate linearly, more are an error."""
+
+    def solve(self, g):
+        w = torch.tensor(self.p["weight"], dtype=torch.float64)
+        if self.p["normalize_weights"]:
+            w = w / w.sum()
+        eps = float(self.p["eps"])
+        norms = g.diagonal().clamp(min=0).sqrt()
+        c = w / (norms + eps)
+        mean_norm = math.sqrt(max(0.0, float(c @ g @ c)))
+        if mean_norm < eps:
+            if len(w) != 2:
+                raise DeltakitError("multislerp: the weighted sum of the unit tensors is zero (antipodal inputs with "
+                                    "balancing weights); use different weights")
+            self.coef = w.tolist()
+        else:
+            self.coef = (c * (float((norms * w).sum()) / mean_norm)).tolist()
+
+    def scanning(self):
+        return self.models > 1 and super().scanning()
+
+    def rows(self, start, base, tensors):
+        if len(tensors) == 1:
+            return tensors[0].clone()
+        out = _weighted(self.vectors(base, tensors), self.coef)
+        return out if base is None else out.add_(base)
+
+
+class Karcher(_Gram):
+    """mergekit ``karcher``: the equal-weight Karcher (Riemannian) mean of the unit tensors on the sphere, by
+    mergekit's fixed-point iteration (``max_iter``, ``tol``), scaled by the mean norm. Every iterate lies in the
+    span of the inputs, so the iteration runs on their Gram matrix (coefficients, not tensors): one statistic
+    scan, then each row block is a weighted sum of the inputs. Norms ``<= tol`` leave the mean (not the scale)."""
+
+    def vectors(self, base, tensors):
+        return list(tensors)
+
+    def scanning(self):
+        return self.models > 1 and super().scanning()
+
+    def solve(self, g):
+        n, tol = g.shape[0], float(self.p["tol"])
+        norms = g.diagonal().clamp(min=0).sqrt()
+        valid = [i for i in range(n) if float(norms[i]) > tol]
+        self.coef = [0.0] * n
+        if not valid:
+            return
+        idx = torch.tensor(valid)
+        gu = g[idx][:, idx] / torch.outer(norms[idx], norms[idx])  # Gram matrix of the unit tensors
+        alpha = torch.full((len(valid),), 1.0 / len(valid), dtype=torch.float64)
+
+        def norm(c: torch.Tensor) -> float:
+            return math.sqrt(max(0.0, float(c @ gu @ c)))
+
+        mean = alpha.clone()
+        mn = norm(mean)
+        if mn < tol:  # the units cancel: start from the first
+            mean = torch.zeros_like(alpha)
+            mean[0] = 1.0
+        else:
+            mean = mean / mn
+        for _ in range(int(self.p["max_iter"])):
+            tangent = torch.zeros_like(mean)
+            dots = (gu @ mean).clamp(-1.0, 1.0)
+            for j in range(len(valid)):
+                theta = math.acos(float(dots[j]))
+                if theta < tol:
+                    continue
+                e = torch.zeros_like(mean)
+                e[j] = 1.0
+                tangent += alpha[j] * (theta / math.sin(theta)) * (e - dots[j] * mean)
+            tn = norm(tangent)
+            if tn < tol:
+                break
+            mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+            un = norm(mean)
+            if un > tol:
+                mean = mean / un
+        scale = float(norms.sum()) / n
+        for k, i in enumerate(valid):
+            self.coef[i] = scale * float(mean[k]) / float(norms[i])
+
+    def rows(self, start, base, tensors):
+        if len(tensors) == 1:
+            return tensors[0].clone()
+        return _weighted(tensors, self.coef)
+
+
+def _model_stock_t(cos: torch.Tensor, count: int) -> torch.Tensor:
+    """Model Stock's interpolation ratio ``t = N cos / (1 + (N - 1) cos)`` (0 where the denominator vanishes)."""
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos), count * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+
+
+class ModelStock(_Gram):
+    """mergekit ``model_stock``: ``t * mean(x_i) + (1 - t) * b`` with ``t = N cos / (1 + (N - 1) cos)``, ``cos``
+    the mean pairwise cosine of the deltas ``d_i`` (each clamped to [-1, 1], norms' product clamped at 1e-6),
+    over the whole tensor, or per row (last dimension) with ``filter_wise``."""
+
+    def scanning(self):
+        return not self.p["filter_wise"] and super().scanning()
+
+    def solve(self, g):
+        n = g.shape[0]
+        norms = g.diagonal().clamp(min=0).sqrt()
+        cos = [max(-1.0, min(1.0, float(g[i, j]) / max(float(norms[i] * norms[j]), 1e-6))) for i in range(n) for j in range(i + 1, n)]
+        self.t = float(_model_stock_t(torch.tensor(sum(cos) / len(cos), dtype=torch.float64), n))
+
+    def rows(self, start, base, tensors):
+        n = len(tensors)
+        average = _sum([tensors[0].clone(), *tensors[1:]]).div_(n)
+        if not self.p["filter_wise"]:
+            return average.mul_(self.t).add_(base, alpha=1 - self.t)
+        shape = base.shape
+        b = base.reshape(-1, shape[-1] if base.dim() else 1)
+        d = [x.reshape(b.shape) - b for x in tensors]
+        cos = torch.stack([((d[i] * d[j]).sum(-1) / (d[i].norm(dim=-1) * d[j].norm(dim=-1)).clamp(min=1e-6)).clamp(-1, 1)
+                           for i in range(n) for j in range(i + 1, n)]).mean(0).unsqueeze(-1)
+        t = _model_stock_t(cos, n)
+        return (t * average.reshape(b.shape) + (1 - t) * b).reshape(shape)
+
+
+class NearSwap(Kernel):
+    """mergekit ``nearswap``: per entry ``w = clamp(t / max(|b - x|, 1e-6), 0, 1)``, ``w x + (1 - w) b``: the other
+    model's value where it is within ``t`` of the base, moving toward the base as they differ more."""
+
+    def rows(self, start, base, tensors):
+        x = tensors[0]
+        weight = (self.p["t"] / (base - x).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+        return (weight * x).add_((1 - weight).mul_(base))
+
+
+class Sce(Kernel):
+    """mergekit ``sce`` (select, calculate, erase): with ``select_topk < 1`` keep the ``int(select_topk * nonzero)``
+    entries of largest variance across the deltas (one mask for all); weight each masked ``d_i`` by its mean
+    square over the tensor (normalised; uniform when they sum below 1e-6); erase the terms against the elected
+    sign; ``b + sum w_i e_i d_i / max(sum w_i e_i, 1e-6)``."""
+
+    sample = True
+
+    def __init__(self, p, shape, models, seeds=()):
+        super().__init__(p, shape, models, seeds)
+        self.top: TopK | None = None
+        self.squares = [0.0] * models
+        self._phase = "topk" if p["select_topk"] < 1 else "squares"
+        self.weights: list[float] = []
+
+    def _deltas(self, base, tensors) -> list[torch.Tensor]:
+        return [x - base for x in tensors]
+
+    @staticmethod
+    def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Population variance across the models per entry, two-pass (``torch.var`` over a stacked first dimension
+        is a slow strided reduction on the CPU: 20x this)."""
+        mean = _sum([deltas[0].clone(), *deltas[1:]]).div_(len(deltas))
+        return _sum([(d - mean).square_() for d in deltas]).div_(len(deltas))
+
+    def prepare(self, base, tensors):
+        if self._phase == "topk":
+            self.top = TopK(self._variance(self._deltas(base, tensors)), self.numel, self.p["select_topk"], of_nonzero=True)
+
+    def scanning(self):
+        return self._phase != "rows"
+
+    def _masked(self, base, tensors) -> list[torch.Tensor]:
+        d = self._deltas(base, tensors)
+        if self.top is not None:
+            keep = self.top.keep(self._variance(d))
+            if keep is not None:
+                d = [x.mul_(keep) for x in d]
+        return d
+
+    def observe(self, start, base, tensors):
+        if self._phase == "topk":
+            self.top.observe(self._variance(self._deltas(base, tensors)))
+        else:
+            for i, d in enumerate(self._masked(base, tensors)):
+                self.squares[i] += dot64(d, d)
+
+    def end_scan(self):
+        if self._phase == "topk":
+            if self.top.finish():
+                self._phase = "squares"
+        else:
+            means = [s / max(self.numel, 1) for s in self.squares]
+            total = sum(means)
+            self.weights = [1.0 / len(means)] * len(means) if abs(total) < 1e-6 else [m / total for m in means]
+            self._phase = "rows"
+        if self.top is not None:
+            self.top.rewind()
+
+    def rows(self, start, base, tensors):
+        d = self._masked(base, tensors)
+        erased = [e.mul_(w) for e, w in zip(_elected(d), self.weights)]
+        merged = _sum(x * e for x, e in zip(d, erased))
+        return merged.div_(_sum([erased[0].clone(), *erased[1:]]).clamp_(min=1e-6)).add_(base)
+
+
+# -- the whole tensor as one block -------------------------------------------------------------------------
+def run_kernel(kernel: Kernel, base: torch.Tensor | None, tensors: Tensors) -> torch.Tensor:
+    """Run ``kernel`` on whole tensors as one block (prepare with samples, scans, rows)."""
+    if kernel.sample:
+        kernel.prepare(None if base is None else sample(base), [sample(x) for x in tensors])
+    while kernel.scanning():
+        kernel.observe(0, base, tensors)
+        kernel.end_scan()
+    return kernel.rows(0, base, tensors)
+
+
+def merge_tensor(method: str, base: torch.Tensor | None, tensors: Tensors, seeds: Sequence[int] = (),
+                 **parameters: Any) -> torch.Tensor:
+    """Merge whole tensors with ``method`` (a name in ``METHODS``): per-model parameters as lists, shared ones as
+    scalars, the method's defaults for the rest (``lambda_`` for ``lambda``); ``seeds`` (one per model) for the
+    methods that draw random masks (default ``0, 1, ...``)."""
+    from deltakit.merge.config import METHODS
+
+    spec = METHODS[method]
+    p: dict[str, Any] = {k.rstrip("_"): v for k, v in parameters.items()}
+    for name, default in spec.shared_params.items():
+        p.setdefault(name, default)
+    for name, default in spec.model_params.items():
+        value = p.get(name, default)
+        p[name] = [float(v) for v in value] if isinstance(value, (list, tuple)) else [value] * len(tensors)
+    missing = [k for k, v in p.items() if v is None or (isinstance(v, list) and None in v)]
+    if missing:
+        raise TypeError(f"{method}: missing parameter(s) {', '.join(missing)}")
+    kernel = spec.kernel(p, tuple(tensors[0].shape), len(tensors), list(seeds) or list(range(len(tensors))))
+    return run_kernel(kernel, base, tensors)

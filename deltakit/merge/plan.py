@@ -9,21 +9,24 @@ copied from the MLLM byte for byte.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from deltakit.engine.executor import Assembly
-from deltakit.errors import IncompatibleError
+from deltakit.errors import DeltakitError, IncompatibleError
 from deltakit.families import Part, TensorInfo
-from deltakit.merge import methods
-from deltakit.merge.config import COMPUTE_DTYPES, OUT_DTYPES, MergeConfig, MergeConfigError, evaluate_setting
+from deltakit.merge.config import (
+    COMPUTE_DTYPES,
+    OUT_DTYPES,
+    MergeConfig,
+    MergeConfigError,
+    evaluate_setting,
+)
+from deltakit.merge.methods import Kernel
 from deltakit.model import MappedCheckpoint, open_model
 from deltakit.pairing import pair
-
-Compute = Callable[[torch.Tensor | None, list[torch.Tensor], int], torch.Tensor]
 
 
 @dataclass
@@ -43,13 +46,13 @@ class TensorJob:
     sources: list[tuple[MappedCheckpoint, Part | Assembly]] = field(default_factory=list)
     base: tuple[MappedCheckpoint, Part | Assembly] | None = None
     rows: int = 0
-    compute: Compute | None = None
+    kernel: Kernel | None = None
     params: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
 
     @property
     def merged(self) -> bool:
-        return self.compute is not None
+        return self.kernel is not None
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +88,7 @@ def dare_seed(seed: int, canonical: str, index: int) -> int:
 def plan_merge(config: MergeConfig) -> MergePlan:
     """Open every input and build the per-tensor jobs; raises :class:`IncompatibleError` for tensors that cannot be merged."""
     inputs: dict[str, MappedCheckpoint] = {}
-    entries = list(config.models) + ([config.base_model] if config.spec.needs_base else [])
+    entries = list(config.models) + ([config.base_model] if config.uses_base else [])
     try:
         for e in entries:
             if e.model not in inputs:
@@ -116,7 +119,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
     mismatched = {path: {name: (sa, sb) for name, sa, sb in p.shape_mismatch} for path, p in pairings.items()}
     out_dtype = OUT_DTYPES[config.out_dtype] if config.out_dtype else None
     nonbase = config.non_base
-    base_path = config.base_model.model if config.spec.needs_base else None
+    base_path = config.base_model.model if config.uses_base else None
     num_layers = mllm.num_layers
     if mllm.tied and "lm_head" in config.modules and "embed" not in config.modules:
         plan.notes.append(f"{mllm.path} ties lm_head to embed_tokens; lm_head is merged only with embed")
@@ -172,7 +175,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
         names = (info.canonical, key)
         t = (info.layer / (num_layers - 1) if num_layers > 1 else 1.0) if info.layer is not None else 0.0
         job.params = _resolve(config, names, t, info, mllm_path)
-        if config.merge_method in ("linear", "layer_swap"):
+        if config.spec.interpolates:
             total = sum(job.params["weight"])
             if abs(total - 1) > 1e-6:
                 sums.setdefault(round(total, 6), (info.canonical, job.params["normalize"]))
@@ -182,7 +185,13 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
                 if effective < -1e-9 or effective > 1 + 1e-9:
                     outside.setdefault((entry.model, round(effective, 6)),
                                        (info.canonical, w, total if divided and abs(total - 1) > 1e-6 else None))
-        job.compute = _bind(config, job.params, info.canonical, len(nonbase))
+        seeds = [dare_seed(config.seed, info.canonical, i) for i in range(len(nonbase))] if config.spec.rng else []
+        if seeds:
+            job.params["seeds"] = seeds
+        try:
+            job.kernel = config.spec.kernel(job.params, (job.rows, *meta.shape[1:]), len(nonbase), seeds)
+        except DeltakitError as exc:
+            raise MergeConfigError(f"{info.canonical}: {exc}") from None
     for total, (name, normalize) in sums.items():
         how = "divided by their sum (normalize: true)" if normalize else "not normalized: the result is scaled"
         plan.warnings.append(f"{config.merge_method} weights sum to {total:g}, not 1 (e.g. on {name}); {how}")
@@ -199,6 +208,8 @@ def _resolve(config: MergeConfig, names: tuple[str, ...], t: float, info: Tensor
     for name, default in spec.shared_params.items():
         value = evaluate_setting(config.parameters.get(name, default), names, t)
         out[name] = default if value is None else value
+        if out[name] is None:
+            raise MergeConfigError(f"no {name!r} for {info.canonical} (no filter matched)")
     for name, default in spec.model_params.items():
         values = []
         for m in config.non_base:
@@ -212,22 +223,3 @@ def _resolve(config: MergeConfig, names: tuple[str, ...], t: float, info: Tensor
     if "keep_layers" in out and info.layer is not None and info.layer < out["keep_layers"]:
         out["weight"] = [1.0 if m.model == mllm_path else 0.0 for m in config.non_base]
     return out
-
-
-def _bind(config: MergeConfig, p: dict[str, Any], canonical: str, n_models: int) -> Compute:
-    """The tensor function of one job with its resolved parameters, called as ``compute(base, tensors, first_row)``.
-
-    For ``ties`` it is the final combination of already trimmed deltas (the executor streams the top-k).
-    """
-    method = config.merge_method
-    if method in ("linear", "layer_swap"):
-        return lambda base, tensors, first_row: methods.linear(tensors, p["weight"], p["normalize"])
-    if method == "task_arithmetic":
-        return lambda base, tensors, first_row: methods.task_arithmetic(base, tensors, p["weight"], p["lambda"], p["normalize"])
-    if method == "ties":
-        return lambda base, deltas, first_row: methods.combine(base, deltas, p["weight"], True, p["lambda"], p["normalize"])
-    seeds = [dare_seed(config.seed, canonical, i) for i in range(n_models)]
-    p["seeds"] = seeds
-    fn = methods.dare_ties if method == "dare_ties" else methods.dare_linear
-    return lambda base, tensors, first_row: fn(base, tensors, p["weight"], p["density"], seeds, p["lambda"],
-                                               p["normalize"], p["rescale"], first_row)

@@ -1,8 +1,9 @@
 """Running a merge plan on the streaming engine, into an atomic sharded output.
 
-:func:`engine_jobs` turns the plan into engine jobs: row blocks of one tensor (a DARE block for
-``dare_*``), or a whole tensor for ``ties``, whose top-k threshold is defined per tensor (found from a
-sample and one streaming scan). :func:`deltakit.engine.executor.execute` runs them: rows read with
+:func:`engine_jobs` turns the plan into engine jobs: independent row blocks of one tensor (the fixed
+random blocks of a method that draws masks), or one unit per tensor for a kernel that needs a
+whole-tensor statistic first (TIES's top-k threshold, SLERP's angle, Model Stock's cosines, SCE's
+variance and weights, a DARE/DELLA L1 rescale), which scans the tensor's row blocks and then writes them. :func:`deltakit.engine.executor.execute` runs them: rows read with
 ``pread`` into reused per-thread buffers, computed in the compute dtype, cast and written with
 ``pwrite`` at the tensor's fixed offset, so reads, compute and writes of different blocks overlap
 across threads and resident memory stays at a few row blocks per thread. Copies move raw bytes (no
@@ -24,11 +25,25 @@ from typing import Any
 import torch
 
 from deltakit import __version__
-from deltakit.engine.executor import DEFAULT_BLOCK_ELEMENTS, Assembly, Block, Job, Read, execute, whole_rows
+from deltakit.engine.executor import (
+    DEFAULT_BLOCK_ELEMENTS,
+    Assembly,
+    Block,
+    Job,
+    Read,
+    execute,
+    whole_rows,
+)
 from deltakit.families import Part
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec, atomic_output_dir, check_output_free
-from deltakit.merge.config import MergeConfig, MergeConfigError
+from deltakit.io.writer import (
+    DEFAULT_SHARD_BYTES,
+    ShardedWriter,
+    TensorSpec,
+    atomic_output_dir,
+    check_output_free,
+)
 from deltakit.merge import methods
+from deltakit.merge.config import MergeConfig, MergeConfigError
 from deltakit.merge.plan import MergePlan, TensorJob, plan_merge
 from deltakit.model import MappedCheckpoint
 from deltakit.progress import ProgressFn, no_progress
@@ -125,12 +140,14 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
 def engine_jobs(plan: MergePlan) -> list[Job]:
     """The merge plan as engine jobs: merged rows ``[0, rows)`` and copied rows ``[rows, n)`` of every output tensor.
 
-    A merged range reads every source (and the base) in the compute dtype and writes ``compute(...)`` cast
-    to the output dtype; its blocks follow the method's streaming (row blocks, DARE's fixed blocks, or
-    the whole range for ``ties``). A copied range moves the MLLM's raw bytes (no dtype round trip).
+    A merged range reads every source (and the base) in the compute dtype and writes the kernel's rows cast
+    to the output dtype. A kernel that needs whole-tensor statistics first (``sample`` or ``scanning()``)
+    is one unit that streams the range itself (:func:`_tensor_unit`); any other is cut into independent
+    row blocks: the method's fixed random blocks when it draws masks (``spec.rng``), a vector whole (its
+    rows are its entries). A copied range moves the MLLM's raw bytes (no dtype round trip).
     """
     jobs: list[Job] = []
-    streaming = plan.config.spec.streaming
+    rng = plan.config.spec.rng
     cd = plan.compute_dtype
     for job in plan.jobs:
         n = job.shape[0] if job.shape else 1
@@ -138,10 +155,10 @@ def engine_jobs(plan: MergePlan) -> list[Job]:
         merged = job.rows if job.merged and job.shape else 0
         if merged:
             reads = [_read(m, where, job.key, cd) for m, where in job.sources + ([job.base] if job.base else [])]
-            if streaming == "tensor":
-                jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_ties_tensor, job), whole=True))
+            if job.kernel.sample or job.kernel.scanning():
+                jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_tensor_unit, job), whole=True))
             else:
-                rows = methods.dare_block_rows(job.shape) if streaming == "dare" else whole_rows(reads)
+                rows = merged if len(job.shape) == 1 else methods.dare_block_rows(job.shape) if rng else whole_rows(reads)
                 jobs.append(Job(job.key, reads, 0, merged, per_row, partial(_merge_rows, job), block_rows=rows))
         if merged < n:
             jobs.append(Job(job.key, [Read(plan.mllm.ckpt, job.key, job.out_dtype)], merged, n, per_row, partial(_copy_rows, job)))
@@ -165,10 +182,15 @@ def _sample(block: Block, i: int) -> torch.Tensor:
     return torch.stack([block.read(i, r, r + 1).reshape(-1)[::step].clone() for r in picked])
 
 
+def _inputs(job: TensorJob, block: Block, a: int | None = None, b: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base's and the sources' rows ``[a, b)`` (default: the block's)."""
+    n = len(job.sources)
+    return (block.read(n, a, b) if job.base else None), [block.read(i, a, b) for i in range(n)]
+
+
 def _merge_rows(job: TensorJob, block: Block) -> None:
-    tensors = [block.read(i) for i in range(len(job.sources))]
-    base = block.read(len(job.sources)) if job.base else None
-    block.write(job.key, block.start, job.compute(base, tensors, block.start).to(job.out_dtype))
+    base, tensors = _inputs(job, block)
+    block.write(job.key, block.start, job.kernel.rows(block.start, base, tensors).to(job.out_dtype))
 
 
 def _copy_rows(job: TensorJob, block: Block) -> None:
@@ -176,30 +198,20 @@ def _copy_rows(job: TensorJob, block: Block) -> None:
     block.write(job.key, block.start, rows if job.shape else rows.reshape(()))
 
 
-def _ties_tensor(job: TensorJob, block: Block) -> None:
-    """One TIES tensor: scan(s) to find each delta's exact top-k threshold, then trim, elect and write."""
-    rows, n = block.stop, len(job.sources)
-    blocks = block.sub_blocks()
-    numel = rows * block.job.row_elements
-    base_sample = _sample(block, n)
-    tops = [methods.TopK(_sample(block, i) - base_sample, numel, rho) for i, rho in enumerate(job.params["density"])]
-    while not all(t.done for t in tops):
+def _tensor_unit(job: TensorJob, block: Block) -> None:
+    """One tensor whose kernel needs whole-tensor statistics: samples, statistic scans over its row blocks in
+    order (as many as the kernel asks for), then its rows, each block read again (the page cache keeps them)."""
+    kernel, n = job.kernel, len(job.sources)
+    step = methods.dare_block_rows(job.shape) if kernel.seeds else None
+    blocks = [(a, min(a + step, block.stop)) for a in range(block.start, block.stop, step)] if step else block.sub_blocks()
+    if kernel.sample:
+        kernel.prepare(_sample(block, n) if job.base else None, [_sample(block, i) for i in range(n)])
+    while kernel.scanning():
         for a, b in blocks:
-            base = block.read(n, a, b)
-            for i, top in enumerate(tops):
-                if not top.done:
-                    top.observe((block.read(i, a, b) - base).abs_())
-        for top in tops:
-            if not top.done:
-                top.finish()
+            kernel.observe(a, *_inputs(job, block, a, b))
+        kernel.end_scan()
     for a, b in blocks:
-        base = block.read(n, a, b)
-        deltas = []
-        for i, top in enumerate(tops):
-            d = block.read(i, a, b) - base
-            keep = top.keep(d.abs())
-            deltas.append(d if keep is None else d.mul_(keep))
-        block.write(job.key, a, job.compute(base, deltas, a).to(job.out_dtype))
+        block.write(job.key, a, kernel.rows(a, *_inputs(job, block, a, b)).to(job.out_dtype))
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
@@ -231,7 +243,7 @@ def _report(plan: MergePlan, out: Path, seconds: float, nbytes: int) -> MergeRep
     cfg = plan.config
     for m in cfg.models:
         roles.setdefault(m.model, "model")
-    if cfg.spec.needs_base:
+    if cfg.uses_base:
         roles[cfg.base_model.model] = "base" if cfg.base_model.model not in roles else "model+base"
     mllm_path = str(plan.mllm.path)
     inputs = [{"path": p, "family": plan.inputs[p].family.name, "role": r + ("+mllm" if str(plan.inputs[p].path) == mllm_path else "")}
