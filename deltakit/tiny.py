@@ -35,9 +35,22 @@ def text_config(model_type: str = "qwen2", hidden: int = 32, layers: int = 2, he
                 eos_token_id=SPECIAL["im_end"], pad_token_id=SPECIAL["endoftext"])
 
 
-# The text config's model_type inside each MLLM (the standalone LLM's, family.text_type, where not listed).
-# qwen2_vl / qwen2_5_vl pass the LLM's ("qwen2"), which their config classes rename, as they always have.
-_TEXT_MODEL_TYPE = {"qwen3_vl": "qwen3_vl_text", "qwen3_vl_moe": "qwen3_vl_moe_text", "mllama": "mllama_text_model"}
+def config_class(family: str) -> type[PretrainedConfig]:
+    """The transformers config class of ``family`` (the one its ``model_type`` maps to)."""
+    return transformers.CONFIG_MAPPING[get_family(family).model_types[0]]
+
+
+def _text_model_type(family: str) -> str:
+    """The text config's ``model_type`` inside ``family``'s config: its config class's own text sub-config's where
+    that has one, else the standalone LLM's (``family.text_type``). Qwen2-VL / Qwen2.5-VL are given the LLM's
+    ("qwen2"), which their config classes rename, as they always have been."""
+    fam = get_family(family)
+    if not fam.multimodal or family in ("qwen2_vl", "qwen2_5_vl"):
+        return fam.text_type
+    sub = (getattr(config_class(family), "sub_configs", None) or {}).get("text_config")
+    return getattr(sub, "model_type", "") or fam.text_type
+
+
 EXPERTS, TOP_K = 4, 2
 MLLAMA_LAYERS = 5
 """Tiny mllama's decoder layers (cross-attention ones included) when ``layers`` is not given."""
@@ -78,7 +91,7 @@ def _family_text(family: str, **text_kw) -> dict:
         text_kw.setdefault("layers", MLLAMA_LAYERS)
         if text_kw.get("tie"):
             raise ValueError("mllama cannot tie lm_head to embed_tokens (the embedding has 8 more rows)")
-    text = _text_extras(text_config(_TEXT_MODEL_TYPE.get(family, fam.text_type), **text_kw), fam.text_type)
+    text = _text_extras(text_config(_text_model_type(family), **text_kw), fam.text_type)
     if family in ("qwen3_vl", "qwen3_vl_moe"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
                                    "mrope_section": _mrope(text["head_dim"] // 2), "mrope_interleaved": True}
@@ -110,52 +123,49 @@ def tiny_config(family: str, **text_kw) -> PretrainedConfig:
             vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                           fullatt_block_indexes=[1])
-        cls = transformers.Qwen2VLConfig if family == "qwen2_vl" else transformers.Qwen2_5_VLConfig
-        return cls(text_config=text, vision_config=vision, **qwen_ids)
+        return config_class(family)(text_config=text, vision_config=vision, **qwen_ids)
     if family in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
         vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=16,
                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
         if family.startswith("qwen3_vl"):
             vision["deepstack_visual_indexes"] = [0]
-        cls = {"qwen3_vl": transformers.Qwen3VLConfig, "qwen3_vl_moe": transformers.Qwen3VLMoeConfig,
-               "qwen3_5": transformers.Qwen3_5Config, "qwen3_5_moe": transformers.Qwen3_5MoeConfig}[family]
-        return cls(text_config=text, vision_config=vision, **qwen_ids)
+        return config_class(family)(text_config=text, vision_config=vision, **qwen_ids)
     clip = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)
     if family == "llava":
-        return transformers.LlavaConfig(text_config=text, vision_config=clip, image_token_index=SPECIAL["image"],
+        return config_class(family)(text_config=text, vision_config=clip, image_token_index=SPECIAL["image"],
                                         tie_word_embeddings=tie)
     if family == "llava_next":
-        return transformers.LlavaNextConfig(text_config=text, vision_config=clip, image_token_index=SPECIAL["image"],
+        return config_class(family)(text_config=text, vision_config=clip, image_token_index=SPECIAL["image"],
                                             image_grid_pinpoints=[[28, 28], [28, 56]], tie_word_embeddings=tie)
     siglip = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
     if family == "idefics2":
         perceiver = dict(hidden_size=hidden, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
                          resampler_head_dim=8, num_key_value_heads=1)
-        return transformers.Idefics2Config(text_config=text, vision_config=siglip, perceiver_config=perceiver,
+        return config_class(family)(text_config=text, vision_config=siglip, perceiver_config=perceiver,
                                            image_token_id=SPECIAL["image"], tie_word_embeddings=tie)
     if family == "idefics3":
-        return transformers.Idefics3Config(text_config=text, vision_config=siglip, image_token_id=SPECIAL["image"],
+        return config_class(family)(text_config=text, vision_config=siglip, image_token_id=SPECIAL["image"],
                                            scale_factor=2, tie_word_embeddings=tie)
     siglip = dict(siglip, model_type="siglip_vision_model", vision_use_head=False)
     if family == "llava_onevision":
-        return transformers.LlavaOnevisionConfig(text_config=text, vision_config=siglip,
+        return config_class(family)(text_config=text, vision_config=siglip,
                                                  image_token_index=SPECIAL["image"], video_token_index=SPECIAL["video"],
                                                  image_grid_pinpoints=[[28, 28], [28, 56]], tie_word_embeddings=tie)
     if family == "gemma3":
-        return transformers.Gemma3Config(text_config=text, vision_config=siglip, mm_tokens_per_image=1,
+        return config_class(family)(text_config=text, vision_config=siglip, mm_tokens_per_image=1,
                                          boi_token_index=SPECIAL["vision_start"], eoi_token_index=SPECIAL["vision_end"],
                                          image_token_index=SPECIAL["image"], tie_word_embeddings=tie)
     if family == "internvl":
         vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
                       patch_size=14)
-        return transformers.InternVLConfig(text_config=text, vision_config=vision, image_token_id=SPECIAL["image"],
+        return config_class(family)(text_config=text, vision_config=vision, image_token_id=SPECIAL["image"],
                                            image_seq_length=1, downsample_ratio=0.5, tie_word_embeddings=tie)
     if family == "mistral3":
         # 56 px: a 4 x 4 patch image merges to 4 tokens (Mistral3's projector cannot take a one-token image).
         pixtral = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                        num_attention_heads=2, image_size=56, patch_size=14)
-        return transformers.Mistral3Config(text_config=text, vision_config=pixtral, image_token_index=SPECIAL["image"],
+        return config_class(family)(text_config=text, vision_config=pixtral, image_token_index=SPECIAL["image"],
                                            spatial_merge_size=2, tie_word_embeddings=tie)
     if family == "mllama":
         # The projector reads the last hidden state and one intermediate layer's: 2 * 16 features.
@@ -163,7 +173,7 @@ def tiny_config(family: str, **text_kw) -> PretrainedConfig:
                       vision_output_dim=32, intermediate_layers_indices=[0], image_size=28, patch_size=14,
                       max_num_tiles=1, supported_aspect_ratios=[[1, 1]])
         # The image token is the first of the 8 rows embed_tokens has beyond the vocabulary, as in Llama-3.2-Vision.
-        return transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=VOCAB)
+        return config_class(family)(text_config=text, vision_config=vision, image_token_index=VOCAB)
     raise ValueError(f"no tiny config for family {family!r}")
 
 

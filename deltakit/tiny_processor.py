@@ -17,8 +17,10 @@ import random
 from pathlib import Path
 
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
+from deltakit.families import get_family
 from deltakit.tiny import SPECIAL, VOCAB
 
 # Qwen's names for the special tokens of deltakit.tiny.SPECIAL, in id order (500..506).
@@ -83,16 +85,29 @@ def _corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _trained_bpe() -> str:
-    """The trained tokenizer as ``tokenizers`` JSON (trained once per process: it is deterministic)."""
+# transformers' Qwen2Tokenizer replaces a tokenizer.json's pre-tokenizer with this split (digits one by one), so a
+# tokenizer meant for a folder transformers loads as Qwen2Tokenizer (a Qwen2 LLM's) must be trained with it.
+QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                    r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_bpe(extra: tuple[str, ...] = (), qwen_split: bool = False) -> str:
+    """The trained tokenizer as ``tokenizers`` JSON (trained once per process and corpus: it is deterministic);
+    ``extra`` lines are trained on after the built-in corpus (the miniature family's language); ``qwen_split``
+    pre-tokenizes as Qwen2's tokenizer does, so the tokenizer is the same however transformers loads it."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen_split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     first_special = min(SPECIAL.values())
     trainer = trainers.BpeTrainer(vocab_size=first_special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator([*_corpus(), *extra], trainer)
     if tok.get_vocab_size() != first_special:
         raise RuntimeError(f"tiny tokenizer learned {tok.get_vocab_size()} tokens, expected {first_special}")
     names = sorted(SPECIAL, key=SPECIAL.get)
@@ -102,27 +117,34 @@ def _trained_bpe() -> str:
     return tok.to_str()
 
 
-def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """The tiny byte-level BPE tokenizer: 500 learned tokens (ids 0-499), then the 7 Qwen special tokens."""
+def build_tokenizer(extra: tuple[str, ...] = (), qwen_split: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer: 500 learned tokens (ids 0-499, also from ``extra`` lines), then the 7 Qwen
+    special tokens; ``qwen_split``: pre-tokenized as Qwen2's tokenizer (see :data:`QWEN_PRETOKENIZE`)."""
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_bpe()), eos_token=SPECIAL_TOKENS["im_end"],
+        tokenizer_object=Tokenizer.from_str(_trained_bpe(tuple(extra), qwen_split)), eos_token=SPECIAL_TOKENS["im_end"],
         pad_token=SPECIAL_TOKENS["endoftext"], model_max_length=4096, padding_side="right",
         clean_up_tokenization_spaces=False)
 
 
-def build_tiny_processor(family: str = "qwen2_5_vl") -> transformers.ProcessorMixin:
-    """The processor of a tiny ``qwen2_5_vl`` (default) or ``qwen2_vl`` model."""
-    classes = {"qwen2_5_vl": transformers.Qwen2_5_VLProcessor, "qwen2_vl": transformers.Qwen2VLProcessor}
-    if family not in classes:
-        raise ValueError(f"no tiny processor for family {family!r}; choose from {', '.join(classes)}")
+PROCESSOR_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+"""The families whose tiny models take this processor (Qwen2-VL's image processor, 14-pixel patches merged 2 x 2)."""
+
+
+def build_tiny_processor(family: str = "qwen2_5_vl", extra: tuple[str, ...] = (),
+                         qwen_split: bool = False) -> transformers.ProcessorMixin:
+    """The processor of a tiny ``qwen2_5_vl`` (default) or ``qwen2_vl`` model (its class the one transformers maps
+    the family's ``model_type`` to); ``extra`` lines also train the tokenizer, ``qwen_split`` as in :func:`build_tokenizer`."""
+    if family not in PROCESSOR_FAMILIES:
+        raise ValueError(f"no tiny processor for family {family!r}; choose from {', '.join(PROCESSOR_FAMILIES)}")
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[get_family(family).model_types[0]])
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     image = transformers.Qwen2VLImageProcessor(size=size)
     video = transformers.Qwen2VLVideoProcessor(size=size)
-    return classes[family](image_processor=image, tokenizer=build_tokenizer(), video_processor=video,
-                           chat_template=CHAT_TEMPLATE)
+    return cls(image_processor=image, tokenizer=build_tokenizer(extra, qwen_split), video_processor=video,
+               chat_template=CHAT_TEMPLATE)
 
 
-def save_tiny_processor(path: str | os.PathLike, family: str = "qwen2_5_vl") -> Path:
+def save_tiny_processor(path: str | os.PathLike, family: str = "qwen2_5_vl", extra: tuple[str, ...] = ()) -> Path:
     """Write the tiny processor's files into ``path`` (e.g. a folder made by :func:`deltakit.tiny.save_tiny`)."""
-    build_tiny_processor(family).save_pretrained(path)
+    build_tiny_processor(family, extra).save_pretrained(path)
     return Path(path)

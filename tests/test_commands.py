@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from deltakit.data import write_demo_data
+from deltakit.demo.samples import write_demo_data
 from deltakit.evaluate import load_bench
 from deltakit.tiny import save_partner_llm, save_tiny
 from deltakit.tiny_processor import save_tiny_processor
@@ -141,7 +141,7 @@ def test_paper_pipeline(models, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "data" / "bench.jsonl").read_text().splitlines()]
     for name in ("Qwen2.5-VL-7B-Instruct", "br2v", "sft", "drift"):
         report = json.loads((runs / f"eval-{name}.json").read_text())
-        outputs = [p["output"] for p in report["predictions"]]
+        outputs = [p["prediction"] for p in report["predictions"]]
         assert [p["id"] for p in report["predictions"]] == [r["id"] for r in records]
         right = sum(hand_score(o, r) for o, r in zip(outputs, records))  # scored here from the outputs
         assert (report["examples"], report["correct"]) == (4, right)

@@ -418,7 +418,7 @@ def test_an_architecture_only_remote_code_provides_is_one_error_line(copy, tmp_p
     """finetune and eval load the class ``architectures`` names from transformers itself, never ``auto_map``'s."""
     marker = tmp_path / "marker"
     folder = _with_remote_code(copy(), marker, architectures=["EvilForCausalLM"])
-    from deltakit.data import write_demo_data
+    from deltakit.demo.samples import write_demo_data
 
     data = write_demo_data(tmp_path / "data", n=2, n_bench=1)
     for args in (["finetune", "--model", str(folder), "--data", str(data.train), "--out", str(tmp_path / "o")],

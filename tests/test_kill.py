@@ -275,7 +275,7 @@ STEPS, SAVE_EVERY = 5, 2  # checkpoints at steps 2 and 4; the last step ends in 
 def ft(tmp_path_factory) -> dict[str, Path]:
     """A tiny Qwen2.5-VL (2.2M parameters: checkpoints of 27 MB, so a kill can land inside one) with its processor,
     the demo's synthetic data, a YAML config, and the weights of an uninterrupted run of it."""
-    from deltakit.data import write_demo_data
+    from deltakit.demo.samples import write_demo_data
     from deltakit.tiny_processor import save_tiny_processor
 
     root = tmp_path_factory.mktemp("kill-ft")

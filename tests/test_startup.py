@@ -32,7 +32,7 @@ for args in pages:
 # The option vocabularies behind the help pages are torch-free beyond import: configs validate without torch.
 CONFIGS = """
 import deltakit.cli
-from deltakit.demo_settings import DemoSettings
+from deltakit.demo.settings import DemoSettings
 from deltakit.merge import MergeConfig
 MergeConfig.simple("vl", "llm", out_dtype="bfloat16")
 DemoSettings().validated()
