@@ -19,10 +19,27 @@ from deltakit.demo.samples import write_demo_data
 from deltakit.evaluate import load_bench
 from deltakit.tiny import save_partner_llm, save_tiny
 from deltakit.tiny_processor import save_tiny_processor
-from test_demo import hand_score
 from test_eval import reference_outputs
 
 COMMANDS = Path(__file__).resolve().parents[1] / "commands"
+
+
+def hand_score(output: str, rec: dict) -> bool:
+    """Right iff the last \\boxed{X} holds the answer: X the option letter or text for choices, the same number
+    for numeric answers (to the record's precision), the same text case-insensitively otherwise."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", output)
+    if not boxed:
+        return False
+    x, answer = boxed[-1].strip(), str(rec["answer"])
+    choices = rec.get("choices")
+    if choices and len(x) == 1 and x.isalpha() and ord(x.upper()) - 65 < len(choices):
+        x = choices[ord(x.upper()) - 65]
+    if rec.get("answer_type") in ("integer", "float"):
+        try:
+            return round(float(x), rec.get("precision") or 0) == round(float(answer), rec.get("precision") or 0)
+        except ValueError:
+            return False
+    return x.lower() == answer.lower()
 
 
 @pytest.fixture(scope="module")
