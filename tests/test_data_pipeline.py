@@ -480,3 +480,32 @@ def test_bf16_run_with_auto_pixels_trains_the_float32_pixels_weights(model_dir, 
     assert not torch.equal(a["lm_head.weight"], _weights(model_dir)["lm_head.weight"])
     with pytest.raises(DeltakitError, match="cache_pixels must be one of auto, float32, bfloat16, none, not 'fp16'"):
         TrainConfig(**base, out="o", cache_pixels="fp16").validated()
+
+
+def test_a_daemonic_process_loads_in_process(monkeypatch):
+    """A daemonic process (a pool worker) may not start children: the default is then 0 workers, an explicit
+    count is one error line instead of multiprocessing's assertion deep in the DataLoader."""
+    import multiprocessing
+
+    from deltakit.errors import DeltakitError
+    from deltakit.train import loader
+
+    lazy = _Lazy([{"input_ids": torch.ones(3, dtype=torch.long)}] * 4)
+    monkeypatch.setattr(multiprocessing.current_process(), "_config", {**multiprocessing.current_process()._config, "daemon": True})
+    assert loader.in_daemon()
+    assert loader.default_workers(lazy, world_size=1) == 0
+    with pytest.raises(DeltakitError, match="daemonic"):
+        loader.make_loader(lazy, [[0, 1]], lambda b: b, workers=1, pin_memory=False)
+
+
+class _Lazy:
+    """A dataset that is not a list: one whose items the loader workers would compute."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]

@@ -103,11 +103,18 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 def default_workers(dataset: Sequence[dict], world_size: int) -> int:
     """Loader processes when ``num_workers`` is unset: none for examples already in memory (a list: nothing to
     do per item), else one per CPU core of this process's share but one (the training process), at most 4."""
-    if isinstance(dataset, (list, tuple)):
+    if isinstance(dataset, (list, tuple)) or in_daemon():
         return 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(4, cores // max(local, 1) - 1))
+
+
+def in_daemon() -> bool:
+    """Whether this is a daemonic multiprocessing process (a pool worker, say), which may not start loader workers."""
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
 
 
 def _one_thread(_: int) -> None:
@@ -118,6 +125,9 @@ def make_loader(dataset: Sequence[dict], sampler: MicroBatchSampler, collate: Ca
                 workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     """A DataLoader over ``sampler``'s micro-batches: ``workers`` processes (0 = in this one), each keeping 2
     micro-batches ready; pinned host memory for a copy to the GPU that overlaps compute."""
+    if workers and in_daemon():
+        raise DeltakitError(f"num_workers {workers}: this process is a daemonic multiprocessing worker, which cannot start "
+                        "loader processes; use num_workers 0 (the default here)")
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                                        worker_init_fn=_one_thread if workers else None)
