@@ -420,6 +420,10 @@ def build_workers() -> int:
     """Processes that run the processor while an entry is built: one per CPU core this process may use but one (the
     building process writes the shards; the other ranks wait for it), at most 8; none on 1 or 2 cores, where moving
     each example's pixels between processes costs more than the second core gains (docs/benchmarks.md)."""
+    from deltakit.train.loader import in_daemon
+
+    if in_daemon():
+        return 0  # a daemonic process (a pool worker) cannot start children
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, cores - 1) if cores > 2 else 0
 

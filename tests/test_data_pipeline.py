@@ -8,6 +8,7 @@ import copy
 import functools
 import json
 import shutil
+import os
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import transformers
 from PIL import Image
 
 from deltakit.data import DataError, SFTDataset, _n_images, collate, load_examples, render
-from deltakit.datacache import CachedDataset, cache_key, cached_dataset, pixel_storage
+from deltakit.datacache import CachedDataset, build_workers, cache_key, cached_dataset, pixel_storage
 from deltakit.errors import DeltakitError
 from deltakit.tiny import SPECIAL
 from deltakit.tiny_processor import save_tiny_processor
@@ -494,6 +495,8 @@ def test_a_daemonic_process_loads_in_process(monkeypatch):
     monkeypatch.setattr(multiprocessing.current_process(), "_config", {**multiprocessing.current_process()._config, "daemon": True})
     assert loader.in_daemon()
     assert loader.default_workers(lazy, world_size=1) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))  # a machine where a build would use 7
+    assert build_workers() == 0
     with pytest.raises(DeltakitError, match="daemonic"):
         loader.make_loader(lazy, [[0, 1]], lambda b: b, workers=1, pin_memory=False)
 
