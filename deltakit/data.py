@@ -287,15 +287,19 @@ class SFTDataset(Sequence):
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         return render(self.processor, messages, add_generation_prompt, **self.template_kwargs)
 
+    def _assistant_turns(self, ex: Example) -> Iterator[tuple[int, dict[str, Any], str, str]]:
+        """``(turn, message, head, upto)`` per assistant turn: the conversation rendered up to the turn's start (with
+        the generation prompt) and through its end."""
+        for turn, msg in enumerate(ex.messages):
+            if msg["role"] == "assistant":
+                yield (turn, msg, self._render(ex.messages[:turn], add_generation_prompt=True),
+                       self._render(ex.messages[:turn + 1], add_generation_prompt=False).rstrip())
+
     def _char_spans(self, ex: Example) -> tuple[str, list[tuple[int, int, int]]]:
         """The rendered conversation and ``(turn, start, end)`` character spans of its assistant turns."""
         full = self._render(ex.messages, add_generation_prompt=False)
         spans = []
-        for turn, msg in enumerate(ex.messages):
-            if msg["role"] != "assistant":
-                continue
-            head = self._render(ex.messages[:turn], add_generation_prompt=True)
-            upto = self._render(ex.messages[:turn + 1], add_generation_prompt=False).rstrip()
+        for turn, msg, head, upto in self._assistant_turns(ex):
             if not (full.startswith(upto) and upto.startswith(head)):
                 hint = ""
                 if self.template_kwargs.get("enable_thinking") is False and "<think>" in str(msg["content"]):
@@ -336,11 +340,7 @@ class SFTDataset(Sequence):
     def _encoded_spans(self, ids: torch.Tensor, ex: Example, images: list[Image.Image]) -> list[tuple[int, int]]:
         """Token spans by encoding the conversation up to each turn's start and end with their images (any processor)."""
         out = []
-        for turn, msg in enumerate(ex.messages):
-            if msg["role"] != "assistant":
-                continue
-            head = self._render(ex.messages[:turn], add_generation_prompt=True)
-            upto = self._render(ex.messages[:turn + 1], add_generation_prompt=False).rstrip()
+        for turn, _, head, upto in self._assistant_turns(ex):
             start = self._encode(head, images[:_n_images(ex.messages[:turn])])["input_ids"][0]
             end = self._encode(upto, images[:_n_images(ex.messages[:turn + 1])])["input_ids"][0]
             if not (torch.equal(ids[:len(end)], end) and torch.equal(end[:len(start)], start)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +45,7 @@ class Scored:
     lenient: bool | None = None
 
 
-class Benchmark:
+class Benchmark(ABC):
     """A benchmark's reader and scorer. Subclasses set the class attributes and implement :meth:`item` and :meth:`score`."""
 
     name: ClassVar[str]
@@ -59,9 +60,9 @@ class Benchmark:
         self.repairs: list[dict[str, str]] = []
 
     @classmethod
+    @abstractmethod
     def detect(cls, columns: set[str]) -> bool:
         """Whether a file with these columns is this benchmark."""
-        raise NotImplementedError
 
     def id_of(self, rec: dict[str, Any], where: str) -> str:
         """The record's id: the first of :attr:`id_fields` it has (a VLMEvalKit ``index`` also counts)."""
@@ -70,13 +71,13 @@ class Benchmark:
                 return str(rec[key])
         raise DataError(f"{where}: no id field ({', '.join(self.id_fields)}, index)")
 
+    @abstractmethod
     def item(self, rec: dict[str, Any], base: Path, where: str) -> Item:
         """One row of the published file as an :class:`Item`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, item: Item, prediction: str, lenient: bool = False) -> Scored:
         """The official verdict on a raw model output, and with ``lenient`` deltakit's lenient one."""
-        raise NotImplementedError
 
     def metrics(self, items: list[Item], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Benchmark-specific figures beyond accuracy (We-Math's four dimensions); none by default."""
