@@ -16,6 +16,7 @@ their differences from mergekit 0.1.5 are in docs/merge.md.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -296,7 +297,7 @@ def della_probabilities(magnitude: torch.Tensor, density: float, epsilon: float)
 
 
 # -- kernels -----------------------------------------------------------------------------------------------
-class Kernel:
+class Kernel(ABC):
     """The merge of one tensor of shape ``shape`` with resolved parameters ``p``.
 
     ``p`` holds shared parameters as scalars and per-model ones as lists (one per non-base model);
@@ -321,14 +322,16 @@ class Kernel:
         return False
 
     def observe(self, start: int, base: torch.Tensor | None, tensors: Tensors) -> None:
-        raise NotImplementedError
+        """One row block of a statistic scan; only called while :meth:`scanning` is true, so a kernel that
+        scans defines it."""
+        raise TypeError(f"{type(self).__name__} says it is scanning but has no observe()")
 
     def end_scan(self) -> None:
         """Called after each complete scan."""
 
+    @abstractmethod
     def rows(self, start: int, base: torch.Tensor | None, tensors: Tensors) -> torch.Tensor:
         """The merged rows ``[start, start + len)`` (a new tensor in the compute dtype)."""
-        raise NotImplementedError
 
 
 class Linear(Kernel):
