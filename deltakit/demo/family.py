@@ -8,14 +8,14 @@ on them unchanged. The construction (fixed before any study result was seen; rea
 2. **reasoner** (Qwen2): the base trained further on the text chain of thought of the three-step task
    (:func:`deltakit.demo.task.text_cot`), like DeepSeek-R1-Distill-Qwen from Qwen2.5.
 3. **close** (Qwen2.5-VL): the base's text tower (embeddings and head included) with a new vision encoder
-   and merger, trained on transcription and one-step questions about images; the language tower lightly tuned
-   (``close_tower_lr`` of the vision learning rate), like LLaVA / Idefics.
+   and merger, first aligned alone (:func:`align_vision`), then trained on transcription and one-step questions
+   about images; the language tower lightly tuned (``close_tower_lr`` of the vision learning rate), like
+   LLaVA / Idefics.
 4. **far** (Qwen2.5-VL): the same start, trained ``far_steps`` on that data plus other multimodal tasks
    (:data:`deltakit.demo.task.FAR_KINDS`) with the language tower at the full learning rate, like Qwen-VL.
 
 The training loop here is a plain AdamW loop (warmup then cosine, clipped gradients, loss on the
-assistant's tokens of chats and on every token of plain text); deltakit's own ``finetune`` is what the
-study measures, so it is not used to build the family. The same recipe and seed give the same weights
+assistant's tokens); deltakit's own ``finetune`` is what the study measures, so it is not used to build the family. The same recipe and seed give the same weights
 on the same machine and software (one process, deterministic CPU kernels).
 
 The family is cached in ``$XDG_CACHE_HOME/deltakit`` (or ``~/.cache/deltakit``) under a folder named by
@@ -55,7 +55,7 @@ from deltakit.progress import ProgressFn, no_progress
 from deltakit.tiny import SPECIAL, build_tiny, tiny_config
 from deltakit.tiny_processor import build_tiny_processor
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when the construction changes in a way the recipe's fields do not show (the task, the loop, the data)."""
 MEMBERS = ("base", "reasoner", "close", "far")
 """The family's models: folder names under the family folder."""
@@ -182,22 +182,16 @@ def _pad(rows: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 
-def text_batches(stream: Iterator[str | list[dict[str, str]]], processor: Any, batch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of a text stream: plain text (every token trained, then ``<|endoftext|>``) and chats (the
-    model's chat template; the assistant's answer trained)."""
+def text_batches(stream: Iterator[list[dict[str, str]]], processor: Any, batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of a stream of text chats (the model's chat template; the assistant's answer trained)."""
     tok = processor.tokenizer
     header = tok("<|im_start|>assistant\n").input_ids
     while True:
         rows, labels = [], []
         for doc in itertools.islice(stream, batch):
-            if isinstance(doc, str):
-                ids = tok(doc).input_ids + [SPECIAL["endoftext"]]
-                lab = list(ids)
-            else:
-                ids = tok(processor.apply_chat_template(doc, tokenize=False)).input_ids
-                lab = _label_chat(ids, header)
+            ids = tok(processor.apply_chat_template(doc, tokenize=False)).input_ids
             rows.append(ids)
-            labels.append(lab)
+            labels.append(_label_chat(ids, header))
         yield _pad(rows, labels)
 
 
@@ -257,6 +251,40 @@ def transcription_accuracy(model_path: Path, n: int, seed: int, max_new_tokens: 
     return sum(t.strip().startswith(p.listing) for t, p in zip(texts, problems)) / n
 
 
+def align_vision(model: torch.nn.Module, recipe: FamilyRecipe, processor: Any, progress: ProgressFn = no_progress) -> list[float]:
+    """Stage 1 of an MLLM: train its vision encoder and merger alone so that the image token of each digit lies on
+    the language tower's embedding of that digit (cross-entropy of cosine similarities to the ten digit embeddings,
+    scale 20, plus their mean squared distance relative to the embeddings' mean square), ``align_steps`` AdamW
+    steps at ``align_lr``; the analogue of LLaVA's projector pre-training. Returns the loss of each step."""
+    from deltakit.demo.task import draw_problem, render_digits
+
+    tok = processor.tokenizer
+    digits = model.model.language_model.embed_tokens.weight.detach()[[tok.convert_tokens_to_ids(str(d)) for d in range(10)]]
+    unit = digits / digits.norm(dim=-1, keepdim=True)
+    scale = digits.pow(2).mean()
+    vision = list(model.model.visual.parameters())
+    opt = torch.optim.AdamW([{"params": vision, "lr": recipe.align_lr}], betas=(0.9, 0.98), weight_decay=0.0)
+    rng = random.Random(f"align:{recipe.seed}")
+    warmup, losses = max(1, recipe.align_steps // 20), []
+    progress(0, total=recipe.align_steps, description="family: vision alignment")
+    for step in range(recipe.align_steps):
+        opt.param_groups[0]["lr"] = recipe.align_lr * _schedule(step, recipe.align_steps, warmup)
+        problems = [draw_problem(rng, test=False) for _ in range(recipe.batch)]
+        enc = processor.image_processor(images=[render_digits(p.digits, rng) for p in problems], return_tensors="pt")
+        feats = torch.cat(list(model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output))
+        target = torch.tensor([p.digits for p in problems]).reshape(-1)  # one image token per digit, left to right
+        logits = feats / feats.norm(dim=-1, keepdim=True) @ unit.T * 20
+        loss = (torch.nn.functional.cross_entropy(logits, target)
+                + torch.nn.functional.mse_loss(feats, digits[target]) / scale)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        progress(1, info=f"loss {losses[-1]:.3f}")
+    return losses
+
+
 def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any = None,
                  progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Train member ``name`` of ``recipe`` into ``partial/name`` (renamed into place when saved) unless it is there,
@@ -270,8 +298,9 @@ def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any 
         if name == "base":
             model = build_tiny("qwen2", seed=recipe.seed, **_text_kw(recipe)).float()
             stream: Any = base_corpus(random.Random(f"base:{recipe.seed}"))
-            losses = train_loop(model, [{"params": list(model.parameters()), "lr": recipe.lr}],
-                                text_batches(stream, processor, recipe.batch), recipe.base_steps, progress, "family: base LM")
+            losses = train_loop(model, [{"params": list(model.parameters()), "lr": recipe.base_lr}],
+                                text_batches(stream, processor, recipe.base_batch), recipe.base_steps, progress,
+                                "family: base LM")
             _save_llm(model, processor, dest)
         elif name == "reasoner":
             model = transformers.Qwen2ForCausalLM.from_pretrained(partial / "base", dtype=torch.float32)
@@ -284,6 +313,7 @@ def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any 
             torch.manual_seed(recipe.seed + 1)  # the same vision init for both MLLMs
             model = transformers.Qwen2_5_VLForConditionalGeneration(mllm_config(recipe)).float()
             _tower_into(model, transformers.Qwen2ForCausalLM.from_pretrained(partial / "base", dtype=torch.float32))
+            align = align_vision(model, recipe, processor, progress)
             tower_lr = recipe.lr * (recipe.close_tower_lr if name == "close" else 1.0)
             vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
             text = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
@@ -291,6 +321,7 @@ def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any 
             steps = recipe.close_steps if name == "close" else recipe.far_steps
             losses = train_loop(model, [{"params": vision, "lr": recipe.lr}, {"params": text, "lr": tower_lr}],
                                 image_batches(stream, processor, recipe.batch), steps, progress, f"family: {name} MLLM")
+            losses = {"align": align, "train": losses}
             model.save_pretrained(dest)
             processor.save_pretrained(dest)
         else:

@@ -24,15 +24,21 @@ class FamilyRecipe:
     vision_heads: int = 4
     vision_depth: int = 2
     batch: int = 32
-    lr: float = 2e-3
-    """Peak learning rate of the base LM and of both MLLMs' vision encoder and merger (and the far tower)."""
-    reasoner_lr: float = 3e-3
+    """Batch of the MLLMs' training."""
+    lr: float = 1e-3
+    """Peak learning rate of both MLLMs' vision encoder and merger (and the far tower) after the alignment."""
+    align_lr: float = 2e-3
+    align_steps: int = 600
+    """Stage 1 of each MLLM: the vision encoder and merger aligned to the digit embeddings (the same for both)."""
+    base_lr: float = 1e-3
+    base_batch: int = 64
+    reasoner_lr: float = 1e-3
     reasoner_batch: int = 16
-    base_steps: int = 300
-    reasoner_steps: int = 800
-    close_steps: int = 600
-    far_steps: int = 600
-    close_tower_lr: float = 0.05
+    base_steps: int = 600
+    reasoner_steps: int = 1200
+    close_steps: int = 400
+    far_steps: int = 400
+    close_tower_lr: float = 0.25
     """The close MLLM's language tower learns at this fraction of ``lr`` (lightly tuned, as LLaVA's)."""
     n_check: int = 200
     """Held-out text questions the base and the reasoner are scored on (``family.json``)."""

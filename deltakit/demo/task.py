@@ -10,8 +10,9 @@ needing the previous result; the chain of thought writes every step:
 
 Who learns what (:mod:`deltakit.demo.family`):
 
-- the **base LM** is trained on the language: the arithmetic facts, number lists, and one-step questions
-  about numbers given in text (``second times fourth.`` -> ``The answer is \\boxed{6}.``), no chain of thought;
+- the **base LM** is trained on the language (:func:`base_corpus`): arithmetic drills, one-step questions about
+  numbers given in text (``second times fourth.`` -> ``The answer is \\boxed{6}.``) and reading numbers written
+  together, no chain of thought;
 - the **reasoner** is the base trained further on the text chain of thought of the three-step questions
   (:func:`text_cot`);
 - the **MLLMs** learn to see: transcribe the image (``The numbers are 7 8 3 2.``) and one-step questions
@@ -39,8 +40,8 @@ from PIL import Image, ImageDraw, ImageFont
 N_DIGITS = 4
 OPS = ("plus", "minus", "times")
 ORDINALS = ("first", "second", "third", "fourth")
-IMAGE_SIZE = (112, 56)
-"""Width x height: at the tiny processor's patch 14 and 2 x 2 merge, 8 x 4 patches, 8 image tokens."""
+IMAGE_SIZE = (112, 28)
+"""Width x height: at the tiny processor's patch 14 and 2 x 2 merge, 8 x 2 patches, 4 image tokens: one per digit."""
 FAR_KINDS = ("reverse", "largest", "odd")
 """The far MLLM's extra multimodal tasks (another distribution than the close one's, see ``docs/study.md``)."""
 
@@ -108,13 +109,13 @@ def draw_problem(rng: random.Random, test: bool) -> Problem:
 
 
 def render_digits(digits: tuple[int, ...], rng: random.Random) -> Image.Image:
-    """The four digits on a white 112 x 56 image, one per 28-pixel column, each with its own small offset and ink."""
+    """The four digits on a white 112 x 28 image, one per 28 x 28 square (one image token each), each with its own small offset and ink."""
     img = Image.new("RGB", IMAGE_SIZE, "white")
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=rng.choice((30, 32, 34)))
+    font = ImageFont.load_default(size=rng.choice((20, 22, 24)))
     for i, d in enumerate(digits):
         ink = tuple(rng.randrange(0, 90) for _ in range(3))
-        draw.text((28 * i + 2 + rng.randrange(5), rng.randrange(-2, 12)), str(d), fill=ink, font=font)
+        draw.text((28 * i + 2 + rng.randrange(10), rng.randrange(-4, 2)), str(d), fill=ink, font=font)
     return img
 
 
@@ -132,23 +133,28 @@ def _one_step(rng: random.Random, digits: tuple[int, ...]) -> tuple[str, str]:
     return f"{ORDINALS[i]} {op} {ORDINALS[j]}.", f"The answer is \\boxed{{{apply(op, digits[i], digits[j])}}}."
 
 
-def base_corpus(rng: random.Random) -> Iterator[str | list[dict[str, str]]]:
-    """The base LM's training stream: plain text (arithmetic facts, number lists) and chats (one-step questions
-    about numbers given in text, answered directly), in a fixed 1 : 1 : 2 mix."""
+def base_corpus(rng: random.Random) -> Iterator[list[dict[str, str]]]:
+    """The base LM's training stream, all chats, so every trained token is determined by the prompt (random operands
+    in trained text bury the facts' signal; see ``docs/study.md``), in a fixed 3 : 1 : 1 cycle: arithmetic drills
+    (``7 plus 8.`` -> ``7 plus 8 is 5.``), one-step questions about numbers given in text answered directly, and
+    reading numbers written together (``7832. What are the numbers?`` -> ``The numbers are 7 8 3 2.``: one token per
+    digit, as the MLLMs' images give one image token per digit)."""
     i = 0
     while True:
-        kind = i % 4
+        kind = ("drill", "drill", "drill", "one_step", "read")[i % 5]
         i += 1
-        if kind == 0:
-            yield " ".join(_fact(rng) for _ in range(rng.randint(4, 8)))
-        elif kind == 1:
-            digits = tuple(rng.randrange(10) for _ in range(N_DIGITS))
-            yield f"The numbers are {' '.join(map(str, digits))}. " + " ".join(_fact(rng) for _ in range(3))
-        else:
-            digits = tuple(rng.randrange(10) for _ in range(N_DIGITS))
+        digits = tuple(rng.randrange(10) for _ in range(N_DIGITS))
+        listing = "The numbers are " + " ".join(map(str, digits)) + "."
+        if kind == "drill":
+            op, x, y = rng.choice(OPS), rng.randrange(10), rng.randrange(10)
+            yield [{"role": "user", "content": f"{x} {op} {y}."},
+                   {"role": "assistant", "content": f"{x} {op} {y} is {apply(op, x, y)}."}]
+        elif kind == "one_step":
             q, a = _one_step(rng, digits)
-            listing = "The numbers are " + " ".join(map(str, digits)) + "."
             yield [{"role": "user", "content": f"{listing} {q}"}, {"role": "assistant", "content": a}]
+        else:
+            yield [{"role": "user", "content": "".join(map(str, digits)) + ". What are the numbers?"},
+                   {"role": "assistant", "content": listing}]
 
 
 def text_cot(rng: random.Random, test: bool = False) -> Iterator[list[dict[str, str]]]:
