@@ -94,7 +94,7 @@ def verdict_lines(agg: dict) -> str:
     for fam, v in agg["verdicts"].items():
         above = ", ".join(v["merges_above_base"]) or "none"
         lines.append(f"- **{fam}**: diff verdict *{v['diff_verdict']}* (predicts merging "
-                     f"{'helps' if v['predicts_merging_helps'] else 'does not help'}); merges above the MLLM beyond their CI: "
+                     f"{'helps' if v['predicts_merging_helps'] else 'does not help'}); merges above the MLLM beyond the margin (seed CI + 1.96 test-set SE): "
                      f"{above}; prediction **{'right' if v['prediction_right'] else 'wrong'}**.")
     return "\n".join(lines) + "\n"
 

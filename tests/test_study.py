@@ -82,3 +82,20 @@ def test_no_json_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         load_script().main(["--from-json", str(tmp_path), "--page", str(tmp_path / "p.md"), "--figures", str(tmp_path)])
     assert "no seed-*.json" in str(exc.value)
+
+
+def test_a_merge_helps_only_beyond_the_test_sets_sampling_error():
+    from deltakit.demo.study import aggregate
+
+    configs = [config(s) for s in (0, 1, 2)]
+    close = configs[0]["results"]["close"]
+    close["linear"]["accuracy"] = 0.33  # +3 points on 500 questions: 1.96 * sqrt((.33 * .67 + .3 * .7) / 500) = 5.8
+    close["ties"]["accuracy"] = 0.36    # +6 points: beyond it
+    for m in ("task_arithmetic", "layer_swap"):
+        close[m]["accuracy"] = 0.2
+    for c in configs:
+        for fam in ("close", "far"):
+            c["results"][fam]["dare_ties"]["accuracy"] = 0.1
+    v = aggregate(configs)["verdicts"]["close"]
+    assert v["merges_above_base"] == ["ties"]
+    assert abs(v["margins"]["linear"] - 1.96 * ((0.33 * 0.67 + 0.3 * 0.7) / 500) ** 0.5) < 1e-12

@@ -172,9 +172,16 @@ def run_config(family: Any, s: StudySettings, seed: int, root: Path, progress: P
 
 # -- from JSON: aggregate, table, figures -------------------------------------------------------------------
 
+def merge_margin(accuracy: float, seed_ci: float, base: float, n: int) -> float:
+    """How far above the MLLM's accuracy a merge must be to count as helping: its seed interval plus 1.96
+    standard errors of the difference of two accuracies on ``n`` test questions (the test set is a sample too)."""
+    return seed_ci + 1.96 * math.sqrt((accuracy * (1 - accuracy) + base * (1 - base)) / n)
+
+
 def aggregate(configs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and 95% CI over seeds of every (family, method): accuracy and CoT loss. A method not in
-    :data:`SEEDED` ran once per configuration with the same result, so its interval is 0 (and it is checked)."""
+    :data:`SEEDED` ran once per configuration with the same result, so its interval is 0 (and it is checked).
+    A merge helps a family when it beats the MLLM by more than :func:`merge_margin`."""
     methods = [m for m in configs[0]["results"]["close"]]
     table: dict[str, dict[str, Any]] = {}
     for fam in FAMILIES:
@@ -187,13 +194,15 @@ def aggregate(configs: list[dict[str, Any]]) -> dict[str, Any]:
             table[fam][m] = {"accuracy": acc, "ci95": ci, "cot_loss": loss, "cot_loss_ci95": loss_ci, "n": len(accs),
                              "runs": accs, "seeded": m in SEEDED}
     pairs = configs[0]["pairs"]
+    n = configs[0]["settings"]["n_test"]
     verdicts = {}
     for fam in FAMILIES:
         base = table[fam]["base"]["accuracy"]
         merges = {m: table[fam][m]["accuracy"] for m in MERGES if m in table[fam]}
-        helped = [m for m, a in merges.items() if a - table[fam][m]["ci95"] > base]
+        margins = {m: merge_margin(a, table[fam][m]["ci95"], base, n) for m, a in merges.items()}
+        helped = [m for m, a in merges.items() if a - base > margins[m]]
         verdicts[fam] = {"diff_verdict": pairs[fam]["verdict"], "predicts_merging_helps": pairs[fam]["verdict"] != "far",
-                         "merges_above_base": helped, "merging_helps": bool(helped)}
+                         "merges_above_base": helped, "merging_helps": bool(helped), "margins": margins}
         verdicts[fam]["prediction_right"] = verdicts[fam]["predicts_merging_helps"] == verdicts[fam]["merging_helps"]
     return {"seeds": [c["seed"] for c in configs], "methods": methods, "table": table, "pairs": pairs,
             "verdicts": verdicts, "settings": configs[0]["settings"], "family": configs[0]["family"]}
