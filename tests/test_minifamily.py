@@ -139,10 +139,10 @@ def test_an_interrupted_build_resumes_with_the_same_weights(built, tmp_path, mon
     a = built
     real = fam.train_loop
 
-    def fail_on_mllms(model, groups, batches, steps, progress, desc):
+    def fail_on_mllms(model, groups, batches, steps, progress, desc, *loss_fn):
         if "MLLM" in desc:
             raise KeyboardInterrupt
-        return real(model, groups, batches, steps, progress, desc)
+        return real(model, groups, batches, steps, progress, desc, *loss_fn)
 
     monkeypatch.setattr(fam, "train_loop", fail_on_mllms)
     with pytest.raises(KeyboardInterrupt):
@@ -150,8 +150,9 @@ def test_an_interrupted_build_resumes_with_the_same_weights(built, tmp_path, mon
     partial = tmp_path / "c.partial"
     assert not (tmp_path / "c").exists() and sorted(p.name for p in partial.iterdir()) == \
         ["base", "base.json", "reasoner", "reasoner.json"]
-    monkeypatch.setattr(fam, "train_loop", lambda model, groups, batches, steps, progress, desc:
-                        pytest.fail("retrained") if "MLLM" not in desc else real(model, groups, batches, steps, progress, desc))
+    monkeypatch.setattr(fam, "train_loop", lambda model, groups, batches, steps, progress, desc, *loss_fn:
+                        pytest.fail("retrained") if "MLLM" not in desc else
+                        real(model, groups, batches, steps, progress, desc, *loss_fn))
     c = fam.build_family(TINY, tmp_path / "c")
     assert not partial.exists() and c.info["losses"] == a.info["losses"]
     for member in fam.MEMBERS:

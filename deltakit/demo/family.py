@@ -15,8 +15,9 @@ on them unchanged. The construction (fixed before any study result was seen; rea
    (:data:`deltakit.demo.task.FAR_KINDS`) with the language tower at the full learning rate, like Qwen-VL.
 
 The training loop here is a plain AdamW loop (warmup then cosine, clipped gradients, loss on the
-assistant's tokens); deltakit's own ``finetune`` is what the study measures, so it is not used to build the family. The same recipe and seed give the same weights
-on the same machine and software (one process, deterministic CPU kernels).
+assistant's tokens); deltakit's own ``finetune`` is what the study measures, so it is not used to build
+the family. The same recipe and seed give the same weights on the same machine and software (one process,
+deterministic CPU kernels).
 
 The family is cached in ``$XDG_CACHE_HOME/deltakit`` (or ``~/.cache/deltakit``) under a folder named by
 :data:`RECIPE_VERSION` and a hash of the recipe; a complete folder (its ``family.json`` written last,
@@ -33,7 +34,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,15 @@ def _schedule(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train_loop(model: torch.nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict[str, torch.Tensor]],
-               steps: int, progress: ProgressFn, desc: str) -> list[float]:
-    """``steps`` AdamW steps (5% warmup, cosine to 0, gradients clipped to norm 1); the loss of each step."""
+def _model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def train_loop(model: torch.nn.Module, groups: list[dict[str, Any]], batches: Iterator[Any],
+               steps: int, progress: ProgressFn, desc: str,
+               loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] = _model_loss) -> list[float]:
+    """``steps`` AdamW steps (5% warmup, cosine to 0, gradients clipped to norm 1) on ``loss_fn(model, batch)``
+    (default: the model's own loss of the batch's tensors); the loss of each step."""
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
     peak = [g["lr"] for g in opt.param_groups]
@@ -154,7 +161,7 @@ def train_loop(model: torch.nn.Module, groups: list[dict[str, Any]], batches: It
         factor = _schedule(step, steps, warmup)
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = lr * factor
-        loss = model(**next(batches)).loss
+        loss = loss_fn(model, next(batches))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -251,38 +258,35 @@ def transcription_accuracy(model_path: Path, n: int, seed: int, max_new_tokens: 
     return sum(t.strip().startswith(p.listing) for t, p in zip(texts, problems)) / n
 
 
-def align_vision(model: torch.nn.Module, recipe: FamilyRecipe, processor: Any, progress: ProgressFn = no_progress) -> list[float]:
+def align_vision(model: torch.nn.Module, recipe: FamilyRecipe, processor: Any, progress: ProgressFn = no_progress,
+                 desc: str = "family: MLLM vision alignment") -> list[float]:
     """Stage 1 of an MLLM: train its vision encoder and merger alone so that the image token of each digit lies on
     the language tower's embedding of that digit (cross-entropy of cosine similarities to the ten digit embeddings,
-    scale 20, plus their mean squared distance relative to the embeddings' mean square), ``align_steps`` AdamW
-    steps at ``align_lr``; the analogue of LLaVA's projector pre-training. Returns the loss of each step."""
+    scale 20, plus their mean squared distance relative to the embeddings' mean square), ``align_steps`` steps of
+    :func:`train_loop` at ``align_lr``; the analogue of LLaVA's projector pre-training. Returns the loss of each step."""
     from deltakit.demo.task import draw_problem, render_digits
 
     tok = processor.tokenizer
     digits = model.model.language_model.embed_tokens.weight.detach()[[tok.convert_tokens_to_ids(str(d)) for d in range(10)]]
     unit = digits / digits.norm(dim=-1, keepdim=True)
     scale = digits.pow(2).mean()
-    vision = list(model.model.visual.parameters())
-    opt = torch.optim.AdamW([{"params": vision, "lr": recipe.align_lr}], betas=(0.9, 0.98), weight_decay=0.0)
-    rng = random.Random(f"align:{recipe.seed}")
-    warmup, losses = max(1, recipe.align_steps // 20), []
-    progress(0, total=recipe.align_steps, description="family: vision alignment")
-    for step in range(recipe.align_steps):
-        opt.param_groups[0]["lr"] = recipe.align_lr * _schedule(step, recipe.align_steps, warmup)
-        problems = [draw_problem(rng, test=False) for _ in range(recipe.batch)]
-        enc = processor.image_processor(images=[render_digits(p.digits, rng) for p in problems], return_tensors="pt")
+
+    def batches() -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        rng = random.Random(f"align:{recipe.seed}")
+        while True:
+            problems = [draw_problem(rng, test=False) for _ in range(recipe.batch)]
+            enc = processor.image_processor(images=[render_digits(p.digits, rng) for p in problems], return_tensors="pt")
+            yield enc, torch.tensor([p.digits for p in problems]).reshape(-1)  # one image token per digit, left to right
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[dict[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        enc, target = batch
         feats = torch.cat(list(model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"]).pooler_output))
-        target = torch.tensor([p.digits for p in problems]).reshape(-1)  # one image token per digit, left to right
         logits = feats / feats.norm(dim=-1, keepdim=True) @ unit.T * 20
-        loss = (torch.nn.functional.cross_entropy(logits, target)
+        return (torch.nn.functional.cross_entropy(logits, target)
                 + torch.nn.functional.mse_loss(feats, digits[target]) / scale)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        progress(1, info=f"loss {losses[-1]:.3f}")
-    return losses
+
+    return train_loop(model, [{"params": list(model.model.visual.parameters()), "lr": recipe.align_lr}], batches(),
+                      recipe.align_steps, progress, desc, loss_fn)
 
 
 def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any = None,
@@ -313,7 +317,7 @@ def build_member(name: str, recipe: FamilyRecipe, partial: Path, processor: Any 
             torch.manual_seed(recipe.seed + 1)  # the same vision init for both MLLMs
             model = transformers.Qwen2_5_VLForConditionalGeneration(mllm_config(recipe)).float()
             _tower_into(model, transformers.Qwen2ForCausalLM.from_pretrained(partial / "base", dtype=torch.float32))
-            align = align_vision(model, recipe, processor, progress)
+            align = align_vision(model, recipe, processor, progress, f"family: {name} MLLM vision alignment")
             tower_lr = recipe.lr * (recipe.close_tower_lr if name == "close" else 1.0)
             vision = [p for n, p in model.named_parameters() if n.startswith("model.visual.")]
             text = [p for n, p in model.named_parameters() if not n.startswith("model.visual.")]
