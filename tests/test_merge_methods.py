@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltakit.merge import METHODS, MergeConfig, MergeConfigError, merge
-from deltakit.merge.methods import DARE_BLOCK, merge_tensor
+from deltakit.merge.methods import DARE_BLOCK, della_keep, merge_tensor
 from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
 
 
@@ -230,6 +230,25 @@ def test_della_formula_with_the_documented_seeded_draw(xs, method):
     close(got, want)
     with pytest.raises(Exception, match="density \\+/- epsilon"):
         merge_tensor(method, xs["base"], [xs["a"]], weight=[1.0], density=[0.1], epsilon=[0.15])
+
+
+@pytest.mark.parametrize("shape, levels", [((40, 97), 7), ((3, 24, 33), 4), ((500,), 1000), ((1,), 3), ((6, 1), 3)])
+def test_della_keep_matches_the_stable_rank_formula_with_many_ties(shape, levels):
+    """della_keep (a sort and thresholds) against the ranks of a stable argsort along the last dimension, on
+    magnitudes drawn from a few levels (so most entries are tied) and on a fused [E, R, C] tensor."""
+    g = torch.Generator().manual_seed(levels)
+    a = torch.randint(0, levels, shape, generator=g).float() / levels
+    u = torch.rand(shape, generator=g)
+    rows = a.numpy().reshape(-1, shape[-1])
+    m = rows.shape[1]
+    ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
+    for density, epsilon in [(0.4, 0.1), (0.5, 0.45), (0.2, 0.15)]:
+        p = density - epsilon + 2 * epsilon * ranks / max(m - 1, 1)
+        want = u.numpy().reshape(rows.shape).astype(np.float64) < p
+        got = della_keep(a, u, density, epsilon).numpy().reshape(rows.shape)
+        decided = rows != 0  # a magnitude of 0 merges to 0 whether kept or not
+        assert (got == want)[decided].all(), (shape, density, epsilon)
+        assert decided.sum() > 0.5 * rows.size
 
 
 def test_ties_with_rescale_formula(xs):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -231,19 +231,36 @@ class TopK:
         return keep
 
 
-def sample(t: torch.Tensor, size: int = TopK.SAMPLE) -> torch.Tensor:
-    """About ``size`` entries of ``t`` from at most 1024 evenly spaced rows, strided within each row.
+SAMPLE_RUNS, SAMPLE_RUN_ROWS = 32, 32
 
-    Deterministic for a shape, so two tensors of one shape are sampled at the same positions; touching
-    few rows keeps the page faults (and resident memory) of sampling a memory-mapped tensor small.
+
+def sample_runs(rows: int) -> list[tuple[int, int]]:
+    """The row ranges a sample reads: all rows up to 1024, else 32 evenly spaced runs of 32 consecutive rows.
+
+    Runs rather than single rows keep a streamed sample to 32 reads per input (1024 single-row reads
+    cost more than the scan they prepare on a 0.5B merge); the positions depend only on the row count.
     """
-    if t.dim() < 2:
-        flat = t.reshape(-1)
-        return flat[:: max(1, flat.numel() // size)]
-    rows = t.reshape(t.shape[0], -1)
-    picked = rows[torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], 1024)).round().long()]
-    per_row = max(1, size // picked.shape[0])
-    return picked[:, :: max(1, rows.shape[1] // per_row)]
+    if rows <= SAMPLE_RUNS * SAMPLE_RUN_ROWS:
+        return [(0, rows)]
+    starts = torch.linspace(0, rows - SAMPLE_RUN_ROWS, SAMPLE_RUNS).round().long().tolist()
+    return [(a, a + SAMPLE_RUN_ROWS) for a in starts]
+
+
+def sample(read: Callable[[int, int], torch.Tensor], shape: Sequence[int], size: int = TopK.SAMPLE) -> torch.Tensor:
+    """About ``size`` entries of a tensor of ``shape``: the rows of :func:`sample_runs`, strided within each row.
+
+    ``read(a, b)`` returns rows ``[a, b)`` (a memory-mapped tensor's slice, or a streamed read that may
+    reuse its buffer: the sample is copied out). Deterministic for a shape, so two tensors of one shape are
+    sampled at the same positions and deltas of samples are samples of deltas; touching few rows keeps
+    the page faults (and resident memory) of sampling a memory-mapped tensor small.
+    """
+    if len(shape) < 2:
+        flat = read(0, shape[0] if shape else 1).reshape(-1)
+        return flat[:: max(1, flat.numel() // size)].clone()
+    runs = sample_runs(shape[0])
+    cols = math.prod(shape[1:])
+    step = max(1, cols // max(1, size // sum(b - a for a, b in runs)))
+    return torch.cat([read(a, b).reshape(b - a, cols)[:, ::step].clone() for a, b in runs])
 
 
 # -- seeded randomness -------------------------------------------------------------------------------------
@@ -281,19 +298,40 @@ def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int 
     return uniform(shape, seed, first_row).lt_(density).to(dtype)
 
 
-def della_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's keep probabilities: ``density - epsilon + 2 epsilon * (rank - 1) / (m - 1)`` per entry.
+def della_keep(magnitude: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep mask (bool): ``u < density - epsilon + 2 epsilon * r / (m - 1)`` per entry.
 
-    ``rank`` is the entry's rank (1 = smallest) by magnitude along dimension 1 (within each row of a
-    matrix; a vector is one row), as mergekit's ``della_magprune``; a single entry gets ``density - epsilon``.
+    ``r`` is the entry's rank (0 = smallest, ties by position: a stable sort) by magnitude within its row of
+    ``m`` entries along the last dimension (a vector is one row; a fused expert tensor ``[E, R, C]`` ranks as
+    mergekit does each expert's ``[R, C]``), as mergekit's ``della_magprune``; a single entry keeps with
+    probability ``density - epsilon``. The probability rises with the rank, so an entry is kept exactly when
+    ``r >= r*(u) = floor((u - density + epsilon) / c) + 1`` (``c = 2 epsilon / (m - 1)``): when its magnitude
+    exceeds the row's ``r*``-th smallest, or equals it and its stable rank still reaches ``r*``. That needs a
+    sort of the values (a SIMD sort, several times cheaper than ranking every entry with an argsort) and a
+    count over the row for the few entries tied with the ``r*``-th value and the one before it; magnitude 0
+    is not resolved (its entry is 0 whether kept or not).
     """
-    a = magnitude.unsqueeze(0) if magnitude.dim() < 2 else magnitude
-    m = a.shape[1]
-    order = torch.argsort(a, dim=1)
-    ranks = torch.empty_like(a).scatter_(1, order, torch.arange(m, dtype=a.dtype).reshape(
-        (1, m) + (1,) * (a.dim() - 2)).expand_as(a).contiguous())
-    probs = ranks.mul_(2 * epsilon / max(m - 1, 1)).add_(density - epsilon)
-    return probs.reshape(magnitude.shape)
+    shape = magnitude.shape
+    a = magnitude.float().reshape(-1, shape[-1] if len(shape) else 1)
+    rows, m = a.shape
+    at = torch.from_numpy(np.sort(a.numpy(), axis=1))
+    at = torch.cat([at, torch.full((rows, 1), math.inf)], 1)  # r* = m: nothing reaches it
+    step = 2 * epsilon / max(m - 1, 1)
+    first = u.reshape(a.shape).double().sub_(density - epsilon).div_(step).floor_().add_(1).clamp_(0, m).long()
+    value = at.gather(1, first)
+    keep = a >= value
+    # an entry equal to the r*-th value that also sits just before it in the sorted row is tied with it: count its rank
+    cand = torch.eq(a, value).logical_and_(a != 0).nonzero()
+    r, c = cand[:, 0], cand[:, 1]
+    f = first[r, c]
+    tied = cand[(f > 0) & (at[r, (f - 1).clamp_(min=0)] == a[r, c])]
+    columns = torch.arange(m)
+    for chunk in tied.split(max(1, (1 << 22) // m)):
+        r, c = chunk[:, 0], chunk[:, 1]
+        row, v = a[r], a[r, c].unsqueeze(1)
+        rank = torch.lt(row, v).sum(1).add_(torch.eq(row, v).logical_and_(columns < c.unsqueeze(1)).sum(1))
+        keep[r, c] = rank >= first[r, c]
+    return keep.reshape(shape)
 
 
 # -- kernels -----------------------------------------------------------------------------------------------
@@ -349,7 +387,7 @@ class TaskArithmetic(Kernel):
     ``|d|``), ``"outliers"`` (Breadcrumbs: of ``|d|`` sorted ascending, ranks ``[n_bot, n_bot + int(density n))``
     with ``n_bot = max(0, n - int(density n) - int(gamma n))``: the largest ``gamma`` fraction and the
     smallest dropped), ``"random"`` (DARE: Bernoulli(``density``)), ``"della"`` (DELLA: Bernoulli of
-    :func:`della_probabilities`). A model with ``density >= 1`` is not sparsified (nor rescaled).
+    :func:`della_keep`). A model with ``density >= 1`` is not sparsified (nor rescaled).
     ``rescale`` multiplies a sparsified delta by ``|d|_1 / |masked d|_1`` over the whole tensor (left
     as is when either is below 1e-7), as mergekit 0.1.5.
     """
@@ -439,7 +477,7 @@ class TaskArithmetic(Kernel):
         if self.sparsify == "random":
             keep = u.lt_(rho)
         else:
-            keep = torch.lt(u, della_probabilities(d.abs(), rho, self.p["epsilon"][i])).to(d.dtype)
+            keep = della_keep(d.abs(), u, rho, self.p["epsilon"][i]).to(d.dtype)
         if self._phase == "l1":  # drawn once: kept as bits (1/32 of the block) until its rows are written
             self._drawn[(i, start)] = np.packbits(keep.to(torch.bool).numpy().reshape(-1))
         return keep
@@ -770,10 +808,16 @@ class Sce(Kernel):
 
 
 # -- the whole tensor as one block -------------------------------------------------------------------------
+def _sample_whole(t: torch.Tensor) -> torch.Tensor:
+    """:func:`sample` of a tensor in memory."""
+    rows = t.reshape(-1) if t.dim() < 2 else t
+    return sample(lambda a, b: rows[a:b], t.shape)
+
+
 def run_kernel(kernel: Kernel, base: torch.Tensor | None, tensors: Tensors) -> torch.Tensor:
     """Run ``kernel`` on whole tensors as one block (prepare with samples, scans, rows)."""
     if kernel.sample:
-        kernel.prepare(None if base is None else sample(base), [sample(x) for x in tensors])
+        kernel.prepare(None if base is None else _sample_whole(base), [_sample_whole(x) for x in tensors])
     while kernel.scanning():
         kernel.observe(0, base, tensors)
         kernel.end_scan()

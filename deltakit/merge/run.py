@@ -170,16 +170,12 @@ def _read(m: MappedCheckpoint, where: Part | Assembly, key: str, dtype: torch.dt
     return Read(m.ckpt, key, dtype, where) if isinstance(where, Assembly) else Read.of(m.ckpt, where, dtype)
 
 
-def _sample(block: Block, i: int) -> torch.Tensor:
-    """About :data:`methods.TopK.SAMPLE` entries of input ``i`` from at most 1024 evenly spaced rows, strided
-    within each row, reading only those rows (a row of a fused expert tensor is a whole expert). The
-    positions depend only on the shape, so deltas of samples are samples of deltas."""
-    rows, per_row = block.stop - block.start, block.job.row_elements
-    if rows * per_row <= DEFAULT_BLOCK_ELEMENTS:
-        return methods.sample(block.read(i).clone())
-    picked = torch.linspace(block.start, block.stop - 1, min(rows, 1024)).round().long().tolist()
-    step = max(1, per_row // max(1, methods.TopK.SAMPLE // len(picked)))
-    return torch.stack([block.read(i, r, r + 1).reshape(-1)[::step].clone() for r in picked])
+def _sample(job: TensorJob, block: Block, i: int) -> torch.Tensor:
+    """:func:`methods.sample` of input ``i``'s merged rows, reading only the sampled ones (a row of a fused
+    expert tensor is a whole expert). The positions depend only on the shape, so deltas of samples are
+    samples of deltas."""
+    shape = (block.stop - block.start, *job.shape[1:])
+    return methods.sample(lambda a, b: block.read(i, block.start + a, block.start + b), shape)
 
 
 def _inputs(job: TensorJob, block: Block, a: int | None = None, b: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -205,7 +201,7 @@ def _tensor_unit(job: TensorJob, block: Block) -> None:
     step = methods.dare_block_rows(job.shape) if kernel.seeds else None
     blocks = [(a, min(a + step, block.stop)) for a in range(block.start, block.stop, step)] if step else block.sub_blocks()
     if kernel.sample:
-        kernel.prepare(_sample(block, n) if job.base else None, [_sample(block, i) for i in range(n)])
+        kernel.prepare(_sample(job, block, n) if job.base else None, [_sample(job, block, i) for i in range(n)])
     while kernel.scanning():
         for a, b in blocks:
             kernel.observe(a, *_inputs(job, block, a, b))
