@@ -246,7 +246,9 @@ def test_della_keep_matches_the_stable_rank_formula_with_many_ties(shape, levels
         p = density - epsilon + 2 * epsilon * ranks / max(m - 1, 1)
         want = u.numpy().reshape(rows.shape).astype(np.float64) < p
         got = della_keep(a, u, density, epsilon).numpy().reshape(rows.shape)
-        assert (got == want).all(), (shape, density, epsilon)
+        decided = rows != 0  # a magnitude of 0 merges to 0 whether kept or not
+        assert (got == want)[decided].all(), (shape, density, epsilon)
+        assert decided.sum() > 0.5 * rows.size
 
 
 def test_ties_with_rescale_formula(xs):

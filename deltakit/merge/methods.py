@@ -301,25 +301,37 @@ def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int 
 def della_keep(magnitude: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep mask (bool): ``u < density - epsilon + 2 epsilon * r / (m - 1)`` per entry.
 
-    ``r`` is the entry's rank (0 = smallest, ties by position: a stable sort) by ``magnitude`` (non-negative) within its row of
+    ``r`` is the entry's rank (0 = smallest, ties by position: a stable sort) by magnitude within its row of
     ``m`` entries along the last dimension (a vector is one row; a fused expert tensor ``[E, R, C]`` ranks as
     mergekit does each expert's ``[R, C]``), as mergekit's ``della_magprune``; a single entry keeps with
     probability ``density - epsilon``. The probability rises with the rank, so an entry is kept exactly when
-    ``r >= r*(u) = floor((u - density + epsilon) / c) + 1`` (``c = 2 epsilon / (m - 1)``). The stable ranks
-    come from one SIMD sort per row of int64 keys ``bits(magnitude) << 32 | column`` (the bits of a
-    non-negative float32 order as its value, the column breaks ties by position), several times cheaper
-    than a stable argsort, with no per-tie work (bf16 deltas tie a lot, more in wider rows).
+    ``r >= r*(u) = floor((u - density + epsilon) / c) + 1`` (``c = 2 epsilon / (m - 1)``): when its magnitude
+    exceeds the row's ``r*``-th smallest, or equals it and its stable rank still reaches ``r*``. That needs a
+    sort of the values (a SIMD sort, several times cheaper than ranking every entry with an argsort) and a
+    count over the row for the few entries tied with the ``r*``-th value and the one before it; magnitude 0
+    is not resolved (its entry is 0 whether kept or not).
     """
     shape = magnitude.shape
-    a = magnitude.float().reshape(-1, shape[-1] if len(shape) else 1).numpy()
+    a = magnitude.float().reshape(-1, shape[-1] if len(shape) else 1)
     rows, m = a.shape
-    columns = np.arange(m, dtype=np.int64)
-    keys = np.sort((a.view(np.int32).astype(np.int64) << 32) | columns, axis=1)
-    rank = np.empty((rows, m), dtype=np.int64)
-    np.put_along_axis(rank, keys & 0xFFFFFFFF, np.broadcast_to(columns, (rows, m)), axis=1)
+    at = torch.from_numpy(np.sort(a.numpy(), axis=1))
+    at = torch.cat([at, torch.full((rows, 1), math.inf)], 1)  # r* = m: nothing reaches it
     step = 2 * epsilon / max(m - 1, 1)
-    first = u.reshape(rows, m).double().sub_(density - epsilon).div_(step).floor_().add_(1).clamp_(0, m).long()
-    return torch.ge(torch.from_numpy(rank), first).reshape(shape)
+    first = u.reshape(a.shape).double().sub_(density - epsilon).div_(step).floor_().add_(1).clamp_(0, m).long()
+    value = at.gather(1, first)
+    keep = a >= value
+    # an entry equal to the r*-th value that also sits just before it in the sorted row is tied with it: count its rank
+    cand = torch.eq(a, value).logical_and_(a != 0).nonzero()
+    r, c = cand[:, 0], cand[:, 1]
+    f = first[r, c]
+    tied = cand[(f > 0) & (at[r, (f - 1).clamp_(min=0)] == a[r, c])]
+    columns = torch.arange(m)
+    for chunk in tied.split(max(1, (1 << 22) // m)):
+        r, c = chunk[:, 0], chunk[:, 1]
+        row, v = a[r], a[r, c].unsqueeze(1)
+        rank = torch.lt(row, v).sum(1).add_(torch.eq(row, v).logical_and_(columns < c.unsqueeze(1)).sum(1))
+        keep[r, c] = rank >= first[r, c]
+    return keep.reshape(shape)
 
 
 # -- kernels -----------------------------------------------------------------------------------------------
