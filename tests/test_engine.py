@@ -14,7 +14,7 @@ from deltakit.diagnostics import diff
 from deltakit.engine.executor import Job, Read, execute
 from deltakit.engine.selection import DEFAULT_MODULES, PRIOR_MODULES, Selection, SelectionError, parse_layers
 from deltakit.families import classify_canonical
-from deltakit.engine.sums import dot64, sq64
+from deltakit.engine.sums import dot64, gram64, sq64
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.writer import SafetensorsWriter, TensorSpec
 from deltakit.merge import MergeConfig, merge
@@ -187,3 +187,55 @@ def test_dot64_is_within_its_stated_error_of_float64():
         assert abs(dot64(a, b) - ref) <= 1e-7 * float(a.double().norm() * b.double().norm()), n
         assert sq64(a) == pytest.approx(float(a.double().square().sum()), rel=1e-7)
     assert dot64(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def test_gram64_is_within_the_error_of_dot64_for_stacks_views_and_copies():
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 1023, 1024, 5000, 1 << 19):
+        x = torch.randn(3, n, generator=g) * torch.tensor([[3.0], [1.0], [0.01]]) + 0.5
+        ref = x.double() @ x.double().T
+        bound = 1e-7 * torch.outer(x.double().norm(dim=1), x.double().norm(dim=1))
+        for vectors in (x, [x[0], x[1], x[2]], [x[2], x[0]]):  # stacked, views in place, a copy
+            idx = [0, 1, 2] if len(vectors) == 3 else [2, 0]
+            got = gram64(vectors)
+            assert got.dtype == torch.float64 and got.shape == (len(idx), len(idx))
+            assert ((got - ref[idx][:, idx]).abs() <= bound[idx][:, idx]).all(), n
+    # the positive sums a float32 running sum gets wrong: 512K squares of ~1 within 1e-7 relative
+    y = torch.rand(1, 1 << 19, generator=g) + 0.5
+    assert float(gram64(y)) == pytest.approx(float(y.double().square().sum()), rel=1e-7)
+
+
+def test_read_all_stacks_every_input_in_the_read_dtype(files):
+    ckpt, t = files
+
+    def compute(block):
+        x = block.read_all((11,))
+        return x.dtype, x.clone()
+
+    job = Job("x", [Read(ckpt, "a", torch.float32), Read(ckpt, "b", torch.float32)], 0, 37, 11, compute)
+    [blocks] = execute([job], threads=2, block_elements=44)
+    assert {dtype for dtype, _ in blocks} == {torch.float32}
+    torch.testing.assert_close(torch.cat([x for _, x in blocks], dim=1), torch.stack([t["a"], t["b"].float()]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 6 * 11 * 2 * 4, 1 << 20])
+def test_kept_blocks_fit_the_share_and_hold_their_reads(files, keep_bytes):
+    """Block.kept gives buffers for the first blocks up to this thread's share; rows read into them are the file's."""
+    ckpt, t = files
+
+    def whole(block):
+        blocks = block.sub_blocks()
+        kept = block.kept(blocks, (11,))
+        for k, (a, b) in enumerate(blocks):
+            if kept[k] is not None:
+                block.read_all((11,), a, b, out=kept[k])
+        return [None if x is None else x.clone() for x in kept], blocks
+
+    job = Job("w", [Read(ckpt, "a", torch.float32), Read(ckpt, "b", torch.float32)], 0, 37, 11, whole, whole=True)
+    [[(kept, blocks)]] = execute([job], threads=1, block_elements=66, keep_bytes=keep_bytes)
+    assert blocks == [(a, min(a + 6, 37)) for a in range(0, 37, 6)]
+    want = min(len(blocks), keep_bytes // (6 * 11 * 2 * 4))  # 2 inputs of 6 rows of 11 float32 per block
+    assert [x is not None for x in kept] == [True] * want + [False] * (len(blocks) - want)
+    for x, (a, b) in zip(kept, blocks):
+        if x is not None:
+            assert torch.equal(x, torch.stack([t["a"][a:b], t["b"][a:b].float()]))

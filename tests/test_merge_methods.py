@@ -375,3 +375,38 @@ def test_cli_slerp_and_nearswap_of_the_common_case(vl_pair, tmp_path):
         out = tmp_path / method
         main(["merge", "--mllm", vl_pair["vl"], "--llm", vl_pair["llm"], "--method", method, *flags, str(out)])
         torch.testing.assert_close(_load(out)[k], want(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "della"])
+def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(vl_pair, tmp_path, monkeypatch, method):
+    """A two-pass method (statistic, then rows) reads the blocks that fit ``keep_bytes`` once and the others twice;
+    every merged tensor still equals the whole-tensor formula."""
+    from deltakit.io.reader import RowReader
+
+    config = MergeConfig.from_dict(_recipe(method, vl_pair))
+    inputs = {k: _load(Path(vl_pair[k])) for k in ("vl", "llm", "base")}
+    paths = {vl_pair[k]: k for k in ("vl", "llm", "base")}
+    pread = RowReader._pread
+    read: list[int] = []
+    monkeypatch.setattr(RowReader, "_pread", lambda self, file, out, offset: (read.append(out.numel() * out.element_size()),
+                                                                             pread(self, file, out, offset))[1])
+    totals = {}
+    reads = len(config.non_base) + 1  # the models and the base, each read in full once per pass
+    one = 2 * reads * 512 * 4  # one block of every float32 input per thread
+    for keep in (0, one, 1 << 30):
+        read.clear()
+        out = tmp_path / f"{method}-{keep}"
+        merge(config, out, block_elements=512, threads=2, keep_bytes=keep)
+        totals[keep] = sum(read)
+        got = _load(out)
+        for t in json.loads((out / "merge_report.json").read_text())["tensors"]:
+            if t["action"] != "copied":
+                p = dict(t["params"])
+                seeds = p.pop("seeds", [])
+                base = inputs["base" if config.base_model.model == vl_pair["base"] else "vl"][t["key"]]
+                want = merge_tensor(method, base, [inputs[paths[m.model]][t["key"]] for m in config.non_base], seeds, **p)
+                torch.testing.assert_close(got[t["key"]], want, rtol=1e-6, atol=1e-6)
+    merged = sum(inputs["vl"][t["key"]].numel() * inputs["vl"][t["key"]].element_size()
+                 for t in json.loads((tmp_path / f"{method}-0" / "merge_report.json").read_text())["tensors"] if t["action"] != "copied")
+    assert totals[0] - totals[1 << 30] == merged * reads  # the second pass read nothing again
+    assert totals[1 << 30] < totals[one] < totals[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -33,6 +34,8 @@ from deltakit.progress import ProgressFn, no_progress
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 DEFAULT_BLOCK_ELEMENTS = 1 << 19
 """Elements per row block: 2 MB of float32, large enough that per-block overhead is small."""
+DEFAULT_KEEP_BYTES = 1 << 30
+"""Bytes of row blocks the whole-tensor units may keep between their passes (:meth:`Block.kept`), all threads together."""
 
 
 class RowSink(Protocol):
@@ -134,9 +137,10 @@ class Job:
 class Block:
     """Rows ``[start, stop)`` of a job as seen by its ``compute``: read inputs, write outputs."""
 
-    def __init__(self, job: Job, start: int, stop: int, reader: RowReader, sink: RowSink | None, block_elements: int):
+    def __init__(self, job: Job, start: int, stop: int, reader: RowReader, sink: RowSink | None, block_elements: int,
+                 keep_bytes: int = 0):
         self.job, self.start, self.stop = job, start, stop
-        self._reader, self._sink, self._block_elements = reader, sink, block_elements
+        self._reader, self._sink, self._block_elements, self._keep_bytes = reader, sink, block_elements, keep_bytes
 
     def read(self, i: int, a: int | None = None, b: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` (default: this block's) of input ``i``, valid until this thread reads input ``i`` again.
@@ -148,6 +152,43 @@ class Block:
         if r.part is None:
             return self._reader.read(r.ckpt, r.key, a, b, dtype or r.dtype, i)
         return read_part(self._reader, r.ckpt, r.part, a, b, dtype or r.dtype, i)
+
+    def read_all(self, row_shape: tuple[int, ...], a: int | None = None, b: int | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[a, b)`` (default: this block's) of every input, stacked: ``[len(reads), b - a, *row_shape]`` in
+        the first input's dtype.
+
+        Read into ``out`` when given (a block a caller keeps), else into a reused buffer that is valid until this
+        thread's next ``read_all``. Plain stored tensors are read straight into their slot.
+        """
+        reads = self.job.reads
+        a, b = self.start if a is None else a, self.stop if b is None else b
+        shape = (b - a, *row_shape)
+        if out is None:
+            out = self._reader.buffer("stack", (len(reads), *shape), reads[0].dtype)
+        for i, r in enumerate(reads):
+            meta = r.ckpt.meta(r.key) if r.part is None else None
+            if meta is not None and meta.file != "pickle":
+                self._reader.read_elements(r.ckpt, r.key, a * math.prod(meta.shape[1:]), shape, r.dtype, i, out=out[i])
+            else:
+                out[i].copy_(self.read(i, a, b).reshape(shape))
+        return out
+
+    def kept(self, blocks: Sequence[tuple[int, int]], row_shape: tuple[int, ...]) -> list[torch.Tensor | None]:
+        """Buffers for :meth:`read_all` of the first of ``blocks``, to keep them for a later pass: as many as fit this
+        thread's share of the executor's ``keep_bytes`` (``None`` for the rest). They are this thread's, reused by
+        its next unit, so a unit that passes over a tensor twice reads the kept blocks once and faults no new memory.
+        """
+        dtype = self.job.reads[0].dtype
+        out: list[torch.Tensor | None] = []
+        used = 0
+        for k, (a, b) in enumerate(blocks):
+            shape = (len(self.job.reads), b - a, *row_shape)
+            used += math.prod(shape) * dtype.itemsize
+            if used > self._keep_bytes:
+                break
+            out.append(self._reader.buffer(("kept", k), shape, dtype))
+        return out + [None] * (len(blocks) - len(out))
 
     def write(self, name: str, row_start: int, rows: torch.Tensor) -> None:
         """Write ``rows`` as rows ``[row_start, ...)`` of output tensor ``name``."""
@@ -184,8 +225,8 @@ def default_threads(writes: bool = False) -> int:
 
 
 def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | None = None,
-            block_elements: int = DEFAULT_BLOCK_ELEMENTS, progress: ProgressFn = no_progress,
-            description: str = "working") -> list[list[Any]]:
+            block_elements: int = DEFAULT_BLOCK_ELEMENTS, keep_bytes: int = DEFAULT_KEEP_BYTES,
+            progress: ProgressFn = no_progress, description: str = "working") -> list[list[Any]]:
     """Run every block of ``jobs``; returns, per job, the values its ``compute`` returned, in block order.
 
     Whole-tensor jobs start first, largest first (so a long one does not finish last alone), then row
@@ -196,6 +237,7 @@ def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | 
     """
     keep_freed_memory()
     threads = threads or default_threads(writes=sink is not None)
+    share = keep_bytes // threads
     whole = sorted((j for j in range(len(jobs)) if jobs[j].whole), key=lambda j: -jobs[j].numel)
     order = whole + [j for j in range(len(jobs)) if not jobs[j].whole]
     results: list[list[Any]] = [[] for _ in jobs]
@@ -222,7 +264,7 @@ def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | 
                 j, k, a, b = unit
                 job = jobs[j]
                 current[0] = job.name
-                results[j][k] = job.compute(Block(job, a, b, reader, sink, block_elements))
+                results[j][k] = job.compute(Block(job, a, b, reader, sink, block_elements, share))
                 done[slot] += (b - a) * job.row_elements
         except BaseException as exc:  # handed to the calling thread, which raises it
             errors.append(exc)

@@ -36,18 +36,23 @@ class RowReader:
         return self.read_elements(ckpt, key, a * row, (b - a, *meta.shape[1:]), dtype, slot)
 
     def read_elements(self, ckpt: Checkpoint, key: str, first: int, shape: tuple[int, ...], dtype: torch.dtype,
-                      slot: object) -> torch.Tensor:
-        """``prod(shape)`` consecutive elements of ``key`` from element ``first``, as ``shape`` in ``dtype``."""
+                      slot: object, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``prod(shape)`` consecutive elements of ``key`` from element ``first``, as ``shape`` in ``dtype``
+        (into ``out``, a contiguous tensor of that shape and dtype, when given)."""
         meta = ckpt.meta(key)
         count = prod(shape)
         if first < 0 or first + count > meta.numel:
             raise CheckpointError(f"{key}: elements [{first}, {first + count}) outside its {meta.numel}")
+        offset = meta.offset + first * meta.dtype.itemsize
+        if out is not None and meta.dtype == dtype:
+            self._pread(meta.file, out.reshape(-1).view(torch.uint8), offset)
+            return out
         raw = self._buffer(("raw", slot), count * meta.dtype.itemsize, torch.uint8)
-        self._pread(meta.file, raw, meta.offset + first * meta.dtype.itemsize)
+        self._pread(meta.file, raw, offset)
         rows = raw.view(meta.dtype).reshape(shape)
-        if meta.dtype == dtype:
+        if meta.dtype == dtype and out is None:
             return rows
-        return self._buffer(("cast", slot), count, dtype).reshape(shape).copy_(rows)
+        return (self._buffer(("cast", slot), count, dtype).reshape(shape) if out is None else out).copy_(rows)
 
     def buffer(self, name: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A per-thread scratch tensor of ``shape`` reused under ``name`` (contents undefined)."""

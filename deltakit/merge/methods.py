@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakit.engine.sums import dot64
+from deltakit.engine.sums import dot64, gram64
 from deltakit.errors import DeltakitError
 
 Tensors = Sequence[torch.Tensor]
@@ -41,6 +41,11 @@ def _weighted(tensors: Tensors, weights: Sequence[float]) -> torch.Tensor:
 def _scaled(t: torch.Tensor, lambda_: float) -> torch.Tensor:
     """``t * lambda`` in place (skipped for 1, which changes nothing)."""
     return t if lambda_ == 1 else t.mul_(lambda_)
+
+
+def _deltas(base: torch.Tensor, tensors: Tensors) -> Tensors:
+    """``d_i = x_i - b``: one stacked tensor when ``tensors`` is one (the engine's reads), else a list."""
+    return tensors - base if isinstance(tensors, torch.Tensor) else [x - base for x in tensors]
 
 
 def _safe_divisor(total: float) -> float:
@@ -502,19 +507,14 @@ class _Gram(Kernel):
         self.gram: torch.Tensor | None = None
         self._scanned = False
 
-    def vectors(self, base: torch.Tensor | None, tensors: Tensors) -> list[torch.Tensor]:
-        return list(tensors) if base is None else [x - base for x in tensors]
+    def vectors(self, base: torch.Tensor | None, tensors: Tensors) -> Tensors:
+        return tensors if base is None else _deltas(base, tensors)
 
     def scanning(self):
         return not self._scanned
 
     def observe(self, start, base, tensors):
-        v = self.vectors(base, tensors)
-        g = [[0.0] * len(v) for _ in v]
-        for i in range(len(v)):
-            for j in range(i, len(v)):
-                g[i][j] = g[j][i] = dot64(v[i], v[j])
-        g = torch.tensor(g, dtype=torch.float64)
+        g = gram64(self.vectors(base, tensors))
         self.gram = g if self.gram is None else self.gram.add_(g)
 
     def end_scan(self):
@@ -531,11 +531,11 @@ class Slerp(_Gram):
     ``|cos| > 0.9995``, else ``sin((1-t) theta) / sin theta * a + sin(t theta) / sin theta * b``."""
 
     def vectors(self, base, tensors):
-        return [base, tensors[0]]
+        return [tensors[0], base]  # the engine's stacked read order: a single view
 
     def solve(self, g):
         t = float(self.p["t"])
-        na, nb = (math.sqrt(float(g[i, i])) for i in (0, 1))
+        na, nb = (math.sqrt(float(g[i, i])) for i in (1, 0))
         na, nb = (n if n > 1e-8 else 1.0 for n in (na, nb))
         dot = max(-1.0, min(1.0, float(g[0, 1]) / (na * nb)))
         if abs(dot) > 0.9995:
@@ -548,15 +548,16 @@ class Slerp(_Gram):
         return torch.mul(base, self.coef[0]).add_(tensors[0], alpha=self.coef[1])
 
 
-def _nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot: torch.Tensor, n0: torch.Tensor,
-                     n1: torch.Tensor) -> torch.Tensor:
-    """mergekit's ``nuslerp`` on vectors with the given dot products and norms (broadcast against ``v0``)."""
+def _nuslerp_coefs(t: float, dot: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mergekit's ``nuslerp`` of vectors with dot products ``dot`` and norms ``n0``, ``n1``, as the coefficients
+    ``(c0, c1)`` of ``c0 v0 + c1 v1``: ``sin((1-t) theta) / sin theta`` and ``sin(t theta) / sin theta``, or
+    ``1 - t`` and ``t`` where the vectors are colinear (``1 - cos^2 <= 1e-16``)."""
     cos = (dot / (n0.clamp(min=1e-7) * n1.clamp(min=1e-7))).clamp(-1, 1)
     colinear = (1 - cos.square()) <= 1e-16
     theta = torch.acos(torch.where(colinear, 0, cos))
-    s = torch.sin(theta)
-    out = (torch.sin((1 - t) * theta).to(v0.dtype) * v0 + torch.sin(t * theta).to(v0.dtype) * v1) / s.to(v0.dtype)
-    return torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    s = torch.where(colinear, 1, torch.sin(theta))
+    return (torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / s),
+            torch.where(colinear, t, torch.sin(t * theta) / s))
 
 
 class NuSlerp(Kernel):
@@ -574,7 +575,8 @@ class NuSlerp(Kernel):
         self._stats: list[torch.Tensor] | None = None
 
     def _pair(self, base, tensors):
-        return (tensors[0], tensors[1]) if base is None else (tensors[0] - base, tensors[1] - base)
+        v = tensors if base is None else _deltas(base, tensors[:2])
+        return v[0], v[1]
 
     def scanning(self):
         return self.mode != "rows" and self._stats is None
@@ -582,24 +584,30 @@ class NuSlerp(Kernel):
     def observe(self, start, base, tensors):
         v0, v1 = self._pair(base, tensors)
         if self.mode == "flat":
-            part = torch.tensor([dot64(v0, v1), dot64(v0, v0), dot64(v1, v1)], dtype=torch.float64)
+            g = gram64([v0, v1])
+            part = torch.stack([g[0, 1], g[0, 0], g[1, 1]])
         else:  # per column (dimension 0 summed)
             part = torch.stack([(v0 * v1).double().sum(0), (v0 * v0).double().sum(0), (v1 * v1).double().sum(0)])
         self._acc = part if self._acc is None else self._acc.add_(part)
 
     def end_scan(self):
         dot, s0, s1 = self._acc
-        self._stats = [dot, s0.sqrt(), s1.sqrt()]
+        self._stats = _nuslerp_coefs(self.t, dot, s0.sqrt(), s1.sqrt())
 
     def rows(self, start, base, tensors):
+        if self.mode == "flat":  # c0 v0 + c1 v1 (+ b) as one weighted sum of the inputs
+            c0, c1 = (float(c) for c in self._stats)
+            if base is None:
+                return _weighted(tensors[:2], [c0, c1])
+            return _weighted([tensors[0], tensors[1], base], [c0, c1, 1 - c0 - c1])
         v0, v1 = self._pair(base, tensors)
         if self.mode == "rows":
             a, b = (v.reshape(-1, v.shape[-1] if v.dim() else 1) for v in (v0, v1))
-            dot = (a * b).sum(-1, keepdim=True)
-            out = _nuslerp_vectors(self.t, a, b, dot, a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)).reshape(v0.shape)
+            c0, c1 = _nuslerp_coefs(self.t, (a * b).sum(-1, keepdim=True), a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True))
+            out = (c0 * a).add_(c1 * b).reshape(v0.shape)
         else:
-            dot, n0, n1 = (s.to(v0.dtype) for s in self._stats)
-            out = _nuslerp_vectors(self.t, v0, v1, dot, n0, n1)
+            c0, c1 = (c.to(v0.dtype) for c in self._stats)
+            out = (c0 * v0).add_(c1 * v1)
         return out if base is None else out.add_(base)
 
 
@@ -643,7 +651,7 @@ class Karcher(_Gram):
     scan, then each row block is a weighted sum of the inputs. Norms ``<= tol`` leave the mean (not the scale)."""
 
     def vectors(self, base, tensors):
-        return list(tensors)
+        return tensors
 
     def scanning(self):
         return self.models > 1 and super().scanning()
@@ -719,9 +727,9 @@ class ModelStock(_Gram):
 
     def rows(self, start, base, tensors):
         n = len(tensors)
+        if not self.p["filter_wise"]:  # t mean(x_i) + (1 - t) b as one weighted sum of the inputs
+            return _weighted([*tensors, base], [self.t / n] * n + [1 - self.t])
         average = _sum([tensors[0].clone(), *tensors[1:]]).div_(n)
-        if not self.p["filter_wise"]:
-            return average.mul_(self.t).add_(base, alpha=1 - self.t)
         shape = base.shape
         b = base.reshape(-1, shape[-1] if base.dim() else 1)
         d = [x.reshape(b.shape) - b for x in tensors]

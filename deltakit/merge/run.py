@@ -27,6 +27,7 @@ import torch
 from deltakit import __version__
 from deltakit.engine.executor import (
     DEFAULT_BLOCK_ELEMENTS,
+    DEFAULT_KEEP_BYTES,
     Assembly,
     Block,
     Job,
@@ -103,13 +104,15 @@ class MergeReport:
 
 def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
           progress: ProgressFn = no_progress, threads: int | None = None,
-          max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> MergeReport:
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+          keep_bytes: int = DEFAULT_KEEP_BYTES) -> MergeReport:
     """Merge the text towers of ``config``'s models into a copy of the MLLM written to ``out``.
 
     ``config`` is a :class:`MergeConfig` or the path of a YAML recipe. The output folder has the MLLM's
     keys, layout and non-weight files (config, tokenizer, processor, chat template), sharded safetensors
     with an index, ``merge_report.json`` and a ``README.md`` model card; it appears only when complete.
-    Raises :class:`deltakit.errors.DeltakitError` subclasses for bad input.
+    ``keep_bytes`` bounds the row blocks that methods with a whole-tensor statistic keep in memory between their
+    passes (the rest are read twice). Raises :class:`deltakit.errors.DeltakitError` subclasses for bad input.
     """
     if not isinstance(config, MergeConfig):
         config = MergeConfig.from_yaml(config)
@@ -125,7 +128,7 @@ def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, fo
         specs = [TensorSpec(j.key, j.out_dtype, j.shape) for j in plan.jobs]
         with atomic_output_dir(out, overwrite=force) as tmp:
             with ShardedWriter(tmp, specs, max_shard_bytes, metadata={"merged_by": f"deltakit {__version__}"}) as writer:
-                execute(engine_jobs(plan), writer, threads=threads, block_elements=block_elements, progress=progress,
+                execute(engine_jobs(plan), writer, threads=threads, block_elements=block_elements, keep_bytes=keep_bytes, progress=progress,
                         description=f"merge ({config.merge_method})")
             _copy_files(plan, tmp)
             report = _report(plan, out, time.perf_counter() - start, sum(s.nbytes for s in specs))
@@ -178,10 +181,13 @@ def _sample(job: TensorJob, block: Block, i: int) -> torch.Tensor:
     return methods.sample(lambda a, b: block.read(i, block.start + a, block.start + b), shape)
 
 
-def _inputs(job: TensorJob, block: Block, a: int | None = None, b: int | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The base's and the sources' rows ``[a, b)`` (default: the block's)."""
+def _inputs(job: TensorJob, block: Block, a: int | None = None, b: int | None = None,
+            x: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The base's rows ``[a, b)`` (default: the block's) and the sources' (one stacked ``[sources, rows, ...]`` read,
+    or ``x`` when it holds them already)."""
     n = len(job.sources)
-    return (block.read(n, a, b) if job.base else None), [block.read(i, a, b) for i in range(n)]
+    x = block.read_all(job.shape[1:], a, b) if x is None else x
+    return (x[n] if job.base else None), x[:n]
 
 
 def _merge_rows(job: TensorJob, block: Block) -> None:
@@ -196,18 +202,29 @@ def _copy_rows(job: TensorJob, block: Block) -> None:
 
 def _tensor_unit(job: TensorJob, block: Block) -> None:
     """One tensor whose kernel needs whole-tensor statistics: samples, statistic scans over its row blocks in
-    order (as many as the kernel asks for), then its rows, each block read again (the page cache keeps them)."""
+    order (as many as the kernel asks for), then its rows. The first scan keeps the blocks that fit this thread's
+    share of memory (:meth:`Block.kept`) for the later passes; the others are read again (from the page cache)."""
     kernel, n = job.kernel, len(job.sources)
     step = methods.dare_block_rows(job.shape) if kernel.seeds else None
     blocks = [(a, min(a + step, block.stop)) for a in range(block.start, block.stop, step)] if step else block.sub_blocks()
     if kernel.sample:
         kernel.prepare(_sample(job, block, n) if job.base else None, [_sample(job, block, i) for i in range(n)])
+    kept = block.kept(blocks, job.shape[1:]) if kernel.scanning() else [None] * len(blocks)
+    filled = [False] * len(blocks)
+
+    def inputs(k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        a, b = blocks[k]
+        if kept[k] is None or filled[k]:
+            return _inputs(job, block, a, b, kept[k])
+        filled[k] = True
+        return _inputs(job, block, a, b, block.read_all(job.shape[1:], a, b, out=kept[k]))
+
     while kernel.scanning():
-        for a, b in blocks:
-            kernel.observe(a, *_inputs(job, block, a, b))
+        for k, (a, _) in enumerate(blocks):
+            kernel.observe(a, *inputs(k))
         kernel.end_scan()
-    for a, b in blocks:
-        block.write(job.key, a, kernel.rows(a, *_inputs(job, block, a, b)).to(job.out_dtype))
+    for k, (a, _) in enumerate(blocks):
+        block.write(job.key, a, kernel.rows(a, *inputs(k)).to(job.out_dtype))
 
 
 def _copy_files(plan: MergePlan, folder: Path) -> None:
