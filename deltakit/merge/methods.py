@@ -764,9 +764,6 @@ class Sce(Kernel):
         self._phase = "topk" if p["select_topk"] < 1 else "squares"
         self.weights: list[float] = []
 
-    def _deltas(self, base, tensors) -> list[torch.Tensor]:
-        return [x - base for x in tensors]
-
     @staticmethod
     def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
         """Population variance across the models per entry, two-pass (``torch.var`` over a stacked first dimension
@@ -776,13 +773,13 @@ class Sce(Kernel):
 
     def prepare(self, base, tensors):
         if self._phase == "topk":
-            self.top = TopK(self._variance(self._deltas(base, tensors)), self.numel, self.p["select_topk"], of_nonzero=True)
+            self.top = TopK(self._variance(_deltas(base, tensors)), self.numel, self.p["select_topk"], of_nonzero=True)
 
     def scanning(self):
         return self._phase != "rows"
 
     def _masked(self, base, tensors) -> list[torch.Tensor]:
-        d = self._deltas(base, tensors)
+        d = _deltas(base, tensors)
         if self.top is not None:
             keep = self.top.keep(self._variance(d))
             if keep is not None:
@@ -791,7 +788,7 @@ class Sce(Kernel):
 
     def observe(self, start, base, tensors):
         if self._phase == "topk":
-            self.top.observe(self._variance(self._deltas(base, tensors)))
+            self.top.observe(self._variance(_deltas(base, tensors)))
         else:
             for i, d in enumerate(self._masked(base, tensors)):
                 self.squares[i] += dot64(d, d)

@@ -181,17 +181,14 @@ def _sample(job: TensorJob, block: Block, i: int) -> torch.Tensor:
     return methods.sample(lambda a, b: block.read(i, block.start + a, block.start + b), shape)
 
 
-def _inputs(job: TensorJob, block: Block, a: int | None = None, b: int | None = None,
-            x: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The base's rows ``[a, b)`` (default: the block's) and the sources' (one stacked ``[sources, rows, ...]`` read,
-    or ``x`` when it holds them already)."""
+def _split(job: TensorJob, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The base's rows and the sources' (``[sources, rows, ...]``) of a stacked read (:meth:`Block.read_all`)."""
     n = len(job.sources)
-    x = block.read_all(job.shape[1:], a, b) if x is None else x
     return (x[n] if job.base else None), x[:n]
 
 
 def _merge_rows(job: TensorJob, block: Block) -> None:
-    base, tensors = _inputs(job, block)
+    base, tensors = _split(job, block.read_all(job.shape[1:]))
     block.write(job.key, block.start, job.kernel.rows(block.start, base, tensors).to(job.out_dtype))
 
 
@@ -213,11 +210,9 @@ def _tensor_unit(job: TensorJob, block: Block) -> None:
     filled = [False] * len(blocks)
 
     def inputs(k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        a, b = blocks[k]
-        if kept[k] is None or filled[k]:
-            return _inputs(job, block, a, b, kept[k])
-        filled[k] = True
-        return _inputs(job, block, a, b, block.read_all(job.shape[1:], a, b, out=kept[k]))
+        x = kept[k] if filled[k] else block.read_all(job.shape[1:], *blocks[k], out=kept[k])
+        filled[k] = kept[k] is not None
+        return _split(job, x)
 
     while kernel.scanning():
         for k, (a, _) in enumerate(blocks):
