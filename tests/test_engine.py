@@ -228,7 +228,7 @@ def test_kept_blocks_fit_the_share_and_hold_their_reads(files, keep_bytes):
         kept = block.kept(blocks, (11,))
         for k, (a, b) in enumerate(blocks):
             if kept[k] is not None:
-                block.read_all((11,), a, b, out=kept[k])
+                block.read_all((11,), a, b, kept=kept[k])
         return [None if x is None else x.clone() for x in kept], blocks
 
     job = Job("w", [Read(ckpt, "a", torch.float32), Read(ckpt, "b", torch.float32)], 0, 37, 11, whole, whole=True)
@@ -239,3 +239,37 @@ def test_kept_blocks_fit_the_share_and_hold_their_reads(files, keep_bytes):
     for x, (a, b) in zip(kept, blocks):
         if x is not None:
             assert torch.equal(x, torch.stack([t["a"][a:b], t["b"][a:b].float()]))
+
+
+def test_kept_blocks_hold_bf16_inputs_as_stored_and_give_them_back_in_the_read_dtype(tmp_path, monkeypatch):
+    """Inputs all stored in bf16 and read in float32 are kept in bf16 (twice the blocks fit the share), read from the
+    file once, and come back as the file's values in float32 on every pass."""
+    from deltakit.io.reader import RowReader
+
+    g = torch.Generator().manual_seed(5)
+    t = {k: torch.randn(37, 11, generator=g).to(torch.bfloat16) for k in ("a", "b")}
+    save_file(t, tmp_path / "bf16.safetensors")
+    ckpt = Checkpoint.open(tmp_path / "bf16.safetensors")
+    pread = RowReader._pread
+    read: list[int] = []
+    monkeypatch.setattr(RowReader, "_pread", lambda self, file, out, offset: (read.append(out.numel() * out.element_size()),
+                                                                             pread(self, file, out, offset))[1])
+
+    def whole(block):
+        blocks = block.sub_blocks()
+        kept = block.kept(blocks, (11,))
+        passes = []
+        for _ in range(2):
+            passes.append([block.read_all((11,), a, b, kept=kept[k], filled=bool(passes)).clone()
+                           for k, (a, b) in enumerate(blocks)])
+        return [None if x is None else x.dtype for x in kept], passes, blocks
+
+    job = Job("w", [Read(ckpt, "a", torch.float32), Read(ckpt, "b", torch.float32)], 0, 37, 11, whole, whole=True)
+    [[(dtypes, passes, blocks)]] = execute([job], threads=1, block_elements=66, keep_bytes=2 * (6 * 11 * 2 * 2))
+    assert dtypes == [torch.bfloat16] * 2 + [None] * (len(blocks) - 2)  # 2 blocks of 2 bf16 inputs of 6 x 11
+    want = torch.stack([t["a"].float(), t["b"].float()])
+    for rows in passes:
+        assert all(x.dtype == torch.float32 for x in rows)
+        assert torch.equal(torch.cat(rows, dim=1), want)
+    # the kept blocks are read once, the others on both passes: 37 rows of 2 inputs, then 37 - 12 of them again
+    assert sum(read) == (37 + 25) * 11 * 2 * 2

@@ -377,12 +377,24 @@ def test_cli_slerp_and_nearswap_of_the_common_case(vl_pair, tmp_path):
         torch.testing.assert_close(_load(out)[k], want(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def bf16_pair(tmp_path_factory) -> dict[str, str]:
+    """:func:`vl_pair`'s three checkpoints stored in bf16 (a merge computes in float32 and keeps blocks in bf16)."""
+    root = tmp_path_factory.mktemp("methods-bf16")
+    vl = save_tiny("qwen2_5_vl", root / "vl", layers=4, dtype=torch.bfloat16)
+    return {"root": str(root), "vl": str(vl),
+            "llm": str(save_partner_llm(vl, root / "llm", noise=0.3, seed=1, dtype=torch.bfloat16)),
+            "base": str(save_partner_llm(vl, root / "base", noise=0.1, seed=2, dtype=torch.bfloat16))}
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["slerp", "model_stock", "della"])
-def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(vl_pair, tmp_path, monkeypatch, method):
+def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(request, tmp_path, monkeypatch, method, stored):
     """A two-pass method (statistic, then rows) reads the blocks that fit ``keep_bytes`` once and the others twice;
-    every merged tensor still equals the whole-tensor formula."""
+    every merged tensor still equals the whole-tensor formula. bf16 inputs are kept as stored: a block costs half."""
     from deltakit.io.reader import RowReader
 
+    vl_pair = request.getfixturevalue("vl_pair" if stored == "float32" else "bf16_pair")
     config = MergeConfig.from_dict(_recipe(method, vl_pair))
     inputs = {k: _load(Path(vl_pair[k])) for k in ("vl", "llm", "base")}
     paths = {vl_pair[k]: k for k in ("vl", "llm", "base")}
@@ -404,8 +416,9 @@ def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(vl_pa
                 p = dict(t["params"])
                 seeds = p.pop("seeds", [])
                 base = inputs["base" if config.base_model.model == vl_pair["base"] else "vl"][t["key"]]
-                want = merge_tensor(method, base, [inputs[paths[m.model]][t["key"]] for m in config.non_base], seeds, **p)
-                torch.testing.assert_close(got[t["key"]], want, rtol=1e-6, atol=1e-6)
+                sources = [inputs[paths[m.model]][t["key"]].float() for m in config.non_base]
+                want = merge_tensor(method, base.float(), sources, seeds, **p).to(got[t["key"]].dtype)
+                torch.testing.assert_close(got[t["key"]], want, **({"rtol": 1e-6, "atol": 1e-6} if stored == "float32" else {}))
     merged = sum(inputs["vl"][t["key"]].numel() * inputs["vl"][t["key"]].element_size()
                  for t in json.loads((tmp_path / f"{method}-0" / "merge_report.json").read_text())["tensors"] if t["action"] != "copied")
     assert totals[0] - totals[1 << 30] == merged * reads  # the second pass read nothing again

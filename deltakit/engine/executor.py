@@ -154,32 +154,50 @@ class Block:
         return read_part(self._reader, r.ckpt, r.part, a, b, dtype or r.dtype, i)
 
     def read_all(self, row_shape: tuple[int, ...], a: int | None = None, b: int | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 kept: torch.Tensor | None = None, filled: bool = False) -> torch.Tensor:
         """Rows ``[a, b)`` (default: this block's) of every input, stacked: ``[len(reads), b - a, *row_shape]`` in
-        the first input's dtype.
+        the first input's dtype, valid until this thread's next ``read_all``. Plain stored tensors are read straight
+        into their slot.
 
-        Read into ``out`` when given (a block a caller keeps), else into a reused buffer that is valid until this
-        thread's next ``read_all``. Plain stored tensors are read straight into their slot.
+        With ``kept`` (a buffer of :meth:`kept`) the rows are read into it, unless ``filled`` (they were read there
+        before), and returned from it: the buffer itself, or converted into a reused one when it holds the stored dtype.
         """
         reads = self.job.reads
+        dtype = reads[0].dtype
         a, b = self.start if a is None else a, self.stop if b is None else b
         shape = (b - a, *row_shape)
-        if out is None:
-            out = self._reader.buffer("stack", (len(reads), *shape), reads[0].dtype)
-        for i, r in enumerate(reads):
+        target = kept if kept is not None else self._reader.buffer("stack", (len(reads), *shape), dtype)
+        if not (kept is not None and filled):
+            for i, r in enumerate(reads):
+                meta = r.ckpt.meta(r.key) if r.part is None else None
+                if meta is not None and meta.file != "pickle":
+                    self._reader.read_elements(r.ckpt, r.key, a * math.prod(meta.shape[1:]), shape, target.dtype, i,
+                                               out=target[i])
+                else:
+                    target[i].copy_(self.read(i, a, b).reshape(shape))
+        if target.dtype == dtype:
+            return target
+        return self._reader.buffer("stack", tuple(target.shape), dtype).copy_(target)
+
+    def keep_dtype(self) -> torch.dtype:
+        """The dtype :meth:`kept` blocks hold: the inputs' stored dtype when all are plain stored tensors of one
+        dtype narrower than the read one (each is read once and converted on every use, so twice as many bf16
+        blocks fit as float32 ones), else the read dtype."""
+        dtype = self.job.reads[0].dtype
+        stored = set()
+        for r in self.job.reads:
             meta = r.ckpt.meta(r.key) if r.part is None else None
-            if meta is not None and meta.file != "pickle":
-                self._reader.read_elements(r.ckpt, r.key, a * math.prod(meta.shape[1:]), shape, r.dtype, i, out=out[i])
-            else:
-                out[i].copy_(self.read(i, a, b).reshape(shape))
-        return out
+            stored.add(meta.dtype if meta is not None and meta.file != "pickle" else None)
+        (only,) = stored if len(stored) == 1 else (None,)
+        return only if only is not None and only.itemsize < dtype.itemsize else dtype
 
     def kept(self, blocks: Sequence[tuple[int, int]], row_shape: tuple[int, ...]) -> list[torch.Tensor | None]:
-        """Buffers for :meth:`read_all` of the first of ``blocks``, to keep them for a later pass: as many as fit this
-        thread's share of the executor's ``keep_bytes`` (``None`` for the rest). They are this thread's, reused by
-        its next unit, so a unit that passes over a tensor twice reads the kept blocks once and faults no new memory.
+        """Buffers to keep the stacked inputs of the first of ``blocks`` for a later pass (:meth:`read_all` with
+        ``kept``), in :meth:`keep_dtype`: as many as fit this thread's share of the executor's ``keep_bytes``
+        (``None`` for the rest). They are this thread's, reused by its next unit, so a unit that passes over a
+        tensor twice reads the kept blocks once and faults no new memory.
         """
-        dtype = self.job.reads[0].dtype
+        dtype = self.keep_dtype()
         out: list[torch.Tensor | None] = []
         used = 0
         for k, (a, b) in enumerate(blocks):

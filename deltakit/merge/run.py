@@ -210,7 +210,7 @@ def _tensor_unit(job: TensorJob, block: Block) -> None:
     filled = [False] * len(blocks)
 
     def inputs(k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        x = kept[k] if filled[k] else block.read_all(job.shape[1:], *blocks[k], out=kept[k])
+        x = block.read_all(job.shape[1:], *blocks[k], kept=kept[k], filled=filled[k])
         filled[k] = kept[k] is not None
         return _split(job, x)
 
