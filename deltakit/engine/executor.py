@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from deltakit.families import Part
-from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.checkpoint import Checkpoint, TensorMeta
 from deltakit.io.reader import RowReader, single_threaded_torch
 from deltakit.model import part_of
 from deltakit.progress import ProgressFn, no_progress
@@ -71,6 +71,13 @@ class Read:
     def of(cls, ckpt: Checkpoint, part: Part, dtype: torch.dtype) -> "Read":
         """The read of canonical tensor ``part`` (a plain key read when it is a whole stored tensor)."""
         return cls(ckpt, part.key, dtype, part if part.expert is not None else None)
+
+
+def _plain(r: Read) -> TensorMeta | None:
+    """The metadata of ``r``'s tensor when it is a whole tensor stored in a safetensors file (read straight into a
+    buffer), else ``None`` (a part of a fused tensor, an assembly, a pickled checkpoint)."""
+    meta = r.ckpt.meta(r.key) if r.part is None else None
+    return meta if meta is not None and meta.file != "pickle" else None
 
 
 def whole_rows(reads: Sequence[Read]) -> int | None:
@@ -169,8 +176,8 @@ class Block:
         target = kept if kept is not None else self._reader.buffer("stack", (len(reads), *shape), dtype)
         if not (kept is not None and filled):
             for i, r in enumerate(reads):
-                meta = r.ckpt.meta(r.key) if r.part is None else None
-                if meta is not None and meta.file != "pickle":
+                meta = _plain(r)
+                if meta is not None:
                     self._reader.read_elements(r.ckpt, r.key, a * math.prod(meta.shape[1:]), shape, target.dtype, i,
                                                out=target[i])
                 else:
@@ -179,25 +186,22 @@ class Block:
             return target
         return self._reader.buffer("stack", tuple(target.shape), dtype).copy_(target)
 
-    def keep_dtype(self) -> torch.dtype:
+    def _keep_dtype(self) -> torch.dtype:
         """The dtype :meth:`kept` blocks hold: the inputs' stored dtype when all are plain stored tensors of one
         dtype narrower than the read one (each is read once and converted on every use, so twice as many bf16
         blocks fit as float32 ones), else the read dtype."""
         dtype = self.job.reads[0].dtype
-        stored = set()
-        for r in self.job.reads:
-            meta = r.ckpt.meta(r.key) if r.part is None else None
-            stored.add(meta.dtype if meta is not None and meta.file != "pickle" else None)
-        (only,) = stored if len(stored) == 1 else (None,)
+        stored = {None if (meta := _plain(r)) is None else meta.dtype for r in self.job.reads}
+        only = stored.pop() if len(stored) == 1 else None
         return only if only is not None and only.itemsize < dtype.itemsize else dtype
 
     def kept(self, blocks: Sequence[tuple[int, int]], row_shape: tuple[int, ...]) -> list[torch.Tensor | None]:
         """Buffers to keep the stacked inputs of the first of ``blocks`` for a later pass (:meth:`read_all` with
-        ``kept``), in :meth:`keep_dtype`: as many as fit this thread's share of the executor's ``keep_bytes``
+        ``kept``), in :meth:`_keep_dtype`: as many as fit this thread's share of the executor's ``keep_bytes``
         (``None`` for the rest). They are this thread's, reused by its next unit, so a unit that passes over a
         tensor twice reads the kept blocks once and faults no new memory.
         """
-        dtype = self.keep_dtype()
+        dtype = self._keep_dtype()
         out: list[torch.Tensor | None] = []
         used = 0
         for k, (a, b) in enumerate(blocks):
