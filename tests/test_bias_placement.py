@@ -23,14 +23,13 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from deltakit.drift import coefficients, drift_gradient, tensor_stats
 from deltakit.train import ConfigError, TrainConfig, finetune
 from deltakit.train import loop as loop_module
-from train_helpers import DictPrior, collate, free_port, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, spawn, synthetic_examples
 
 RULES = ("absolute", "gradnorm", "adaptive")
 PRIOR_KINDS = ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.v_proj.weight", "mlp.down_proj.weight")
@@ -299,7 +298,7 @@ def test_micro_batch_under_ddp_biases_each_rank_before_the_all_reduce(run, base,
     config = TrainConfig(model=str(base), data="synthetic.jsonl", out=str(tmp_path / "ddp"), lr=LR, warmup_ratio=0.0, max_steps=1,
                          adam_eps=EPS, precision="fp32", prior="prior", rule="gradnorm", batch_size=1, max_grad_norm=0.0,
                          strategy="ddp", bias_at="micro_batch")
-    mp.spawn(_ddp_worker, args=(2, free_port(), config, prior_tensors), nprocs=2, join=True)
+    spawn(_ddp_worker, 2, free_port(), config, prior_tensors)
     ddp = {n: p.detach() for n, p in transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tmp_path / "ddp", dtype=torch.float32).named_parameters()}
     micro, _ = run(2, "micro", rule="gradnorm", batch_size=1, grad_accum=2, max_grad_norm=0.0, bias_at="micro_batch")

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
 
 from deltakit.drift import DriftBias
@@ -20,7 +19,7 @@ from deltakit.tiny import build_tiny, save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from test_drift import reference
-from train_helpers import DictPrior, collate, free_port, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, spawn, synthetic_examples
 
 STEPS = 2
 # Text sizes of the uneven model: gate/up_proj [63, 32] and embed_tokens/lm_head [511, 32] split 32 + 31 and
@@ -79,7 +78,7 @@ def runs(tmp_path_factory):
     distributed = [(free_port(), _config(base, tmp / "ddp", strategy="ddp", batch_size=1, grad_accum=2), prior),
                    (free_port(), _config(base, tmp / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2, save_every=1), prior),
                    (free_port(), _config(uneven, tmp / "uneven_fsdp", strategy="fsdp", batch_size=1, grad_accum=2), uneven_prior)]
-    mp.spawn(_worker, args=(2, distributed, free_port(), str(tmp / "shards.pt")), nprocs=2, join=True)
+    spawn(_worker, 2, distributed, free_port(), str(tmp / "shards.pt"))
     try:
         _patch(prior)
         finetune(_config(base, tmp / "single", batch_size=2, grad_accum=2))

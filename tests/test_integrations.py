@@ -13,7 +13,7 @@ from deltakit.tiny import save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from test_moe_finetune import text_examples
-from train_helpers import DictPrior, collate, free_port, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, spawn, synthetic_examples
 
 TEXT = "model.language_model."
 
@@ -127,10 +127,8 @@ def test_two_processes_under_accelerate_match_one(base, prior, tmp_path, strateg
     The examples have equal lengths and label counts: Qwen2.5-VL does not take ``num_items_in_batch``
     (``accepts_loss_kwargs`` is False), so transformers averages per-micro-batch token means, which weights
     examples by micro-batch size; with equal counts every split gives the global token mean and the runs must agree."""
-    import torch.multiprocessing as mp
-
     port = free_port()
-    mp.spawn(_spawned, args=(2, port, base, str(tmp_path / strategy), strategy == "fsdp2", prior), nprocs=2, join=True)
+    spawn(_spawned, 2, port, base, str(tmp_path / strategy), strategy == "fsdp2", prior)
     single, _ = train(base, tmp_path / "single", [DriftCallback(DictPrior(prior))], steps=2, batch=2, accum=2,
                       examples=text_examples(8))
     plain, _ = train(base, tmp_path / "plain", steps=2, batch=2, accum=2, examples=text_examples(8))

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
 
 from deltakit.model import map_parameters
@@ -16,7 +15,7 @@ from deltakit.tiny import save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
 from test_moe_finetune import text_examples
-from train_helpers import DictPrior, collate, free_port
+from train_helpers import DictPrior, collate, free_port, spawn
 
 _ORIGINAL = (loop_module.load_data, loop_module.open_prior)
 
@@ -52,8 +51,7 @@ def test_fsdp2_biases_each_expert_as_one_process_does(tmp_path):
     prior = {c: torch.randn(p.shape, generator=gen) * 0.05 for c, p in text.items()
              if ".mlp.experts." in c or ".self_attn." in c and c.endswith("_proj.weight")}
     assert sum(".mlp.experts." in c for c in prior) == 2 * 4 * 3  # 2 layers x 4 experts x gate, up, down
-    mp.spawn(_worker, args=(2, free_port(), _config(base, tmp_path / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2), prior),
-             nprocs=2, join=True)
+    spawn(_worker, 2, free_port(), _config(base, tmp_path / "fsdp", strategy="fsdp", batch_size=1, grad_accum=2), prior)
     _patch(prior)
     try:
         finetune(_config(base, tmp_path / "single", batch_size=2, grad_accum=2))

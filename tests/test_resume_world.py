@@ -5,13 +5,12 @@ import os
 import shutil
 
 import torch
-import torch.multiprocessing as mp
 import transformers
 
 from deltakit.tiny import save_tiny
 from deltakit.train import TrainConfig, finetune
 from deltakit.train import loop as loop_module
-from train_helpers import DictPrior, collate, free_port, synthetic_examples
+from train_helpers import DictPrior, collate, free_port, spawn, synthetic_examples
 
 _ORIGINAL = (loop_module.load_data, loop_module.open_prior)
 
@@ -58,7 +57,7 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path):
     assert len(list((tmp_path / "cut.run" / "checkpoints" / "step-0000001").glob("rng-*.pt"))) == 1
     port = free_port()
     resumed = _config(base, tmp_path / "resumed", tmp_path / "cut.run", batch_size=1, grad_accum=2, resume=True)
-    mp.spawn(_resume_on_two, args=(2, port, resumed, prior), nprocs=2, join=True)
+    spawn(_resume_on_two, 2, port, resumed, prior)
     whole, got = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     for n in whole:
         torch.testing.assert_close(got[n], whole[n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")

@@ -5,9 +5,12 @@ a prompt (masked with -100), for some an image of 2x2 patches (one merged image 
 assistant answer (trained). They let the loop be tested apart from the data pipeline.
 """
 
+import os
 import socket
+import sys
 
 import torch
+import torch.multiprocessing as mp
 
 from deltakit.tiny import SPECIAL
 
@@ -72,3 +75,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn(worker, *args, nprocs: int = 2) -> None:
+    """``mp.spawn(worker, args)`` on ``nprocs`` processes, each leaving by ``os._exit(0)`` once ``worker`` returns.
+
+    A gloo worker thread can still be releasing the tensors of the last collective when the process ends. If it does
+    that during interpreter finalization it cannot take the GIL, and the process aborts (``terminate called without an
+    active exception``: about 1 run in 20 of test_distributed on 2 busy cores, the thread's core dump in
+    ``ProcessGroupGloo::AsyncWork::~AsyncWork``). The test workers have written all they return, so they skip
+    finalization; an exception still reaches ``mp.spawn`` as before.
+    """
+    mp.spawn(_exit_after, args=(worker, args), nprocs=nprocs, join=True)
+
+
+def _exit_after(rank: int, worker, args: tuple) -> None:
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
