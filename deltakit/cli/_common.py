@@ -78,7 +78,7 @@ def print_score(report: Any, title: str) -> None:
 
 
 threads_option = click.option("--threads", type=int, default=None,
-                              help="Reader/compute threads (default: one per core; two per core for commands that write).")
+                              help="Reader/compute threads (default: one per core).")
 
 
 def selection_options(command: str) -> Callable[[Callable], Callable]:

@@ -240,10 +240,10 @@ def keep_freed_memory() -> None:
     mallopt(_M_TRIM_THRESHOLD, 512 << 20)
 
 
-def default_threads(writes: bool = False) -> int:
-    """Worker threads when none are asked for: one per core, two per core when blocks also write (a block
-    waiting for its rows to reach the disk leaves the core to another)."""
-    return (os.cpu_count() or 1) * (2 if writes else 1)
+def default_threads() -> int:
+    """Worker threads when none are asked for: one per core. More only contend for the GIL, which every torch op
+    of a block takes again: two per core made every merge method slower (docs/benchmarks.md, "merge")."""
+    return os.cpu_count() or 1
 
 
 def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | None = None,
@@ -258,7 +258,7 @@ def execute(jobs: Sequence[Job], sink: RowSink | None = None, *, threads: int | 
     workers after their current block and is raised here.
     """
     keep_freed_memory()
-    threads = threads or default_threads(writes=sink is not None)
+    threads = threads or default_threads()
     share = keep_bytes // threads
     whole = sorted((j for j in range(len(jobs)) if jobs[j].whole), key=lambda j: -jobs[j].numel)
     order = whole + [j for j in range(len(jobs)) if not jobs[j].whole]
