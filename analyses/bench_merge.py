@@ -227,8 +227,9 @@ def main() -> None:
     name = "merge" if args.size == "0.5b" else f"merge-{args.size}"
     rows = []
     previous = ROOT / "docs" / "benchmarks" / f"{name}.json"
-    if args.append and previous.exists():
-        rows = [r for r in json.loads(previous.read_text())["rows"] if r["method"] not in args.methods.split(",")]
+    if args.append and previous.exists():  # a kept row keeps the machine it was measured on
+        kept = json.loads(previous.read_text())
+        rows = [{"machine": kept["machine"], **r} for r in kept["rows"] if r["method"] not in args.methods.split(",")]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         a, b, c = folder / "A", folder / "B", folder / "C"
@@ -243,7 +244,8 @@ def main() -> None:
             best = {t: min(r, key=lambda x: x["seconds"]) for t, r in runs.items()}
             peak = {t: max(x["peak_rss_mb"] for x in r) for t, r in runs.items()}
             rows.append({
-                "method": method, "recipe": recipe(method, a, b, c), "runs": runs, "load_avg": load,
+                "method": method, "machine": f"{platform.machine()} {_cpu_model()}", "recipe": recipe(method, a, b, c),
+                "runs": runs, "load_avg": load,
                 "command": " ".join(["python analyses/bench_merge.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "deltakit_s": best["deltakit"]["seconds"], "mergekit_s": best["mergekit"]["seconds"],
                 "speedup": best["mergekit"]["seconds"] / best["deltakit"]["seconds"],
