@@ -174,11 +174,12 @@ def compare(method: str, folder: Path) -> dict:
     return out
 
 
-def _cpu_model() -> str:
+def _machine() -> str:
+    """The architecture and CPU model, as recorded with each result."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+            return f"{platform.machine()} {line.split(':', 1)[1].strip()}"
+    return f"{platform.machine()} {platform.processor()}"
 
 
 SIZES = {"0.5b": SHAPE, "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vocab=151936, tie=True)}
@@ -199,7 +200,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, name: str) -> str:
     import torch
 
     result = {
-        "benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {_cpu_model()}",
+        "benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": _machine(),
         "load_avg_after": os.getloadavg(), "load_avg_per_run": [[r["method"], r["load_avg"]] for r in rows],
         "cpus": os.cpu_count(), "torch": torch.__version__, "mergekit": getattr(mergekit, "__version__", "0.1.5"),
         "shape": SHAPE, "dtype": "bf16 in, float32 compute, bf16 out", "repeats": args.repeats,
@@ -226,6 +227,7 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_merge_"))
     name = "merge" if args.size == "0.5b" else f"merge-{args.size}"
     rows = []
+    machine = _machine()
     previous = ROOT / "docs" / "benchmarks" / f"{name}.json"
     if args.append and previous.exists():  # a kept row keeps the machine it was measured on
         kept = json.loads(previous.read_text())
@@ -244,7 +246,7 @@ def main() -> None:
             best = {t: min(r, key=lambda x: x["seconds"]) for t, r in runs.items()}
             peak = {t: max(x["peak_rss_mb"] for x in r) for t, r in runs.items()}
             rows.append({
-                "method": method, "machine": f"{platform.machine()} {_cpu_model()}", "recipe": recipe(method, a, b, c),
+                "method": method, "machine": machine, "recipe": recipe(method, a, b, c),
                 "runs": runs, "load_avg": load,
                 "command": " ".join(["python analyses/bench_merge.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "deltakit_s": best["deltakit"]["seconds"], "mergekit_s": best["mergekit"]["seconds"],

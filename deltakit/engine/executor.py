@@ -242,7 +242,7 @@ def keep_freed_memory() -> None:
 
 def default_threads() -> int:
     """Worker threads when none are asked for: one per core. More only contend for the GIL, which every torch op
-    of a block takes again: two per core made every merge method slower (docs/benchmarks.md, "merge")."""
+    of a block takes again: two per core made each of the nine merge methods measured slower (docs/benchmarks.md, "merge")."""
     return os.cpu_count() or 1
 
 

@@ -103,8 +103,9 @@ class MergeReport:
 
 MERGE_BLOCK_ELEMENTS = 1 << 20
 """Elements per row block of a merge (4 MB of float32), twice the engine's default: each block runs several torch
-ops per input, each taking the GIL again, and fewer, larger blocks made linear, slerp, nuslerp, model_stock and karcher
-7-15% faster at 0.5B (TIES and Breadcrumbs 5-9% slower: docs/benchmarks.md, "merge")."""
+ops per input, each taking the GIL again, and fewer, larger blocks made linear, nuslerp, model_stock and karcher
+7-14% faster at 0.5B (TIES and Breadcrumbs 7-9% slower: docs/benchmarks.md, "merge")."""
+
 
 def merge(config: MergeConfig | str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
           progress: ProgressFn = no_progress, threads: int | None = None,
