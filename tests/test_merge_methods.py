@@ -423,3 +423,34 @@ def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(reque
                  for t in json.loads((tmp_path / f"{method}-0" / "merge_report.json").read_text())["tensors"] if t["action"] != "copied")
     assert totals[0] - totals[1 << 30] == merged * reads  # the second pass read nothing again
     assert totals[1 << 30] < totals[one] < totals[0]
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock"])
+def test_the_c_kernels_merge_as_the_torch_operations(bf16_pair, tmp_path, monkeypatch, method):
+    """bf16 checkpoints merged in float32: a fused method's kernels get their inputs as stored (deltakit.engine.fused);
+    with the C kernels switched off the same merge runs as torch operations on float32 inputs. Weighted sums and nearswap
+    agree bit for bit; a method with a Gram scan within one bf16 rounding (float64 products there, chunked float32 sums
+    here)."""
+    from deltakit.engine import fused
+    from deltakit.merge import run
+
+    config = MergeConfig.from_dict(_recipe(method, bf16_pair))
+    stored = []
+    choose = run._stored
+    monkeypatch.setattr(run, "_stored", lambda job, block: (stored.append(choose(job, block)), stored[-1])[1])
+    merge(config, tmp_path / "c", block_elements=512, threads=2)
+    assert stored and set(stored) == {torch.bfloat16}  # every merged block went to the C kernels unconverted
+    stored.clear()
+    with monkeypatch.context() as m:
+        m.setattr(fused, "native", lambda: None)
+        merge(config, tmp_path / "torch", block_elements=512, threads=2)
+    assert stored and set(stored) == {None}
+    c, t = _load(tmp_path / "c"), _load(tmp_path / "torch")
+    assert c.keys() == t.keys()
+    differ = sum(int((c[k] != t[k]).sum()) for k in c)
+    if method in ("linear", "task_arithmetic", "nearswap"):
+        assert differ == 0
+    else:
+        assert differ <= 1e-3 * sum(x.numel() for x in c.values()), differ
+        for k in c:
+            torch.testing.assert_close(c[k].float(), t[k].float(), rtol=2 ** -7, atol=1e-6, msg=lambda m: f"{k}: {m}")

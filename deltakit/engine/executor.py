@@ -161,16 +161,16 @@ class Block:
         return read_part(self._reader, r.ckpt, r.part, a, b, dtype or r.dtype, i)
 
     def read_all(self, row_shape: tuple[int, ...], a: int | None = None, b: int | None = None,
-                 kept: torch.Tensor | None = None, filled: bool = False) -> torch.Tensor:
+                 kept: torch.Tensor | None = None, filled: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` (default: this block's) of every input, stacked: ``[len(reads), b - a, *row_shape]`` in
-        the first input's dtype, valid until this thread's next ``read_all``. Plain stored tensors are read straight
-        into their slot.
+        ``dtype`` (default: the first input's read dtype; :meth:`stored_dtype` reads the bytes as stored, unconverted),
+        valid until this thread's next ``read_all``. Plain stored tensors are read straight into their slot.
 
         With ``kept`` (a buffer of :meth:`kept`) the rows are read into it, unless ``filled`` (they were read there
-        before), and returned from it: the buffer itself, or converted into a reused one when it holds the stored dtype.
+        before), and returned from it: the buffer itself, or converted into a reused one when it holds another dtype.
         """
         reads = self.job.reads
-        dtype = reads[0].dtype
+        dtype = dtype or reads[0].dtype
         a, b = self.start if a is None else a, self.stop if b is None else b
         shape = (b - a, *row_shape)
         target = kept if kept is not None else self._reader.buffer("stack", (len(reads), *shape), dtype)
@@ -186,13 +186,16 @@ class Block:
             return target
         return self._reader.buffer("stack", tuple(target.shape), dtype).copy_(target)
 
-    def _keep_dtype(self) -> torch.dtype:
-        """The dtype :meth:`kept` blocks hold: the inputs' stored dtype when all are plain stored tensors of one
-        dtype narrower than the read one (each is read once and converted on every use, so twice as many bf16
-        blocks fit as float32 ones), else the read dtype."""
-        dtype = self.job.reads[0].dtype
+    def stored_dtype(self) -> torch.dtype | None:
+        """The one dtype every input is stored in, when all are plain stored tensors (read straight into a buffer)."""
         stored = {None if (meta := _plain(r)) is None else meta.dtype for r in self.job.reads}
-        only = stored.pop() if len(stored) == 1 else None
+        return stored.pop() if len(stored) == 1 else None
+
+    def _keep_dtype(self) -> torch.dtype:
+        """The dtype :meth:`kept` blocks hold: the inputs' :meth:`stored_dtype` when it is narrower than the read one
+        (each is read once and converted on every use, so twice as many bf16 blocks fit as float32 ones), else the
+        read dtype."""
+        dtype, only = self.job.reads[0].dtype, self.stored_dtype()
         return only if only is not None and only.itemsize < dtype.itemsize else dtype
 
     def kept(self, blocks: Sequence[tuple[int, int]], row_shape: tuple[int, ...]) -> list[torch.Tensor | None]:

@@ -48,7 +48,7 @@ def gram64(vectors: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     ``vectors`` is a stacked ``[n, ...]`` tensor, or a sequence of tensors; a sequence of views lying evenly
     spaced in one buffer (rows of a stacked read) is used in place, any other is stacked (a copy). Each
     chunk of :data:`CHUNK` entries is summed in float32 by one batched matrix product, the chunk sums in
-    float64: within ``1e-7 |v_i| |v_j|``, as :func:`dot64`.
+    float64: within ``2e-7 |v_i| |v_j|`` (1.2e-7 measured on 1031 entries, tests/test_fused.py).
     """
     x = _stacked(vectors)
     n = x.shape[0]

@@ -23,21 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from deltakit.engine.sums import dot64, gram64
+from deltakit.engine import fused
+from deltakit.engine.sums import dot64
 from deltakit.errors import DeltakitError
 
 Tensors = Sequence[torch.Tensor]
 
 
 # -- small pieces -----------------------------------------------------------------------------------------
-def _weighted(tensors: Tensors, weights: Sequence[float]) -> torch.Tensor:
-    """``sum w_i x_i`` into a new tensor (the inputs may be read-only mapped views)."""
-    out = torch.mul(tensors[0], float(weights[0]))
-    for t, w in zip(tensors[1:], weights[1:]):
-        out.add_(t, alpha=float(w))
-    return out
-
-
 def _scaled(t: torch.Tensor, lambda_: float) -> torch.Tensor:
     """``t * lambda`` in place (skipped for 1, which changes nothing)."""
     return t if lambda_ == 1 else t.mul_(lambda_)
@@ -50,6 +43,13 @@ def _deltas(base: torch.Tensor, tensors: Tensors) -> Tensors:
 
 def _safe_divisor(total: float) -> float:
     return 1.0 if abs(total) < 1e-8 else total
+
+
+def _weight_sum(weights: Sequence[float], dtype: torch.dtype) -> float:
+    """``sum w_i`` as mergekit takes it for inputs of ``dtype``: the weights summed in float64 for float64, else in
+    float32; 1 when below 1e-8 in magnitude."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return _safe_divisor(float(torch.tensor([float(w) for w in weights], dtype=wide).sum()))
 
 
 def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
@@ -71,13 +71,14 @@ def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
-    """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``)."""
-    out = _weighted(tensors, weights)
-    divisor = _safe_divisor(sum(weights))
-    if normalize and divisor != 1.0:
-        out.div_(divisor)
-    return out
+def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True, *, dtype: torch.dtype | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``), computed in ``dtype``
+    (default: the inputs') and returned in ``out_dtype``: the first product, then each next one added in one rounding,
+    as mergekit's ``addcmul_`` (:func:`deltakit.engine.fused.combine`)."""
+    divisor = _weight_sum(weights, dtype or tensors[0].dtype) if normalize else 1.0
+    return fused.combine(tensors, weights, divisor=divisor, fma=True, dtype=dtype,
+                         out_dtype=out_dtype)
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Tensors, weights: Sequence[float],
@@ -349,9 +350,15 @@ class Kernel(ABC):
     :meth:`observe` (and :meth:`end_scan` after each scan) until it is false; with ``sample`` set it first
     gets samples of the inputs at the same positions (:meth:`prepare`). Row blocks start at row
     ``start``; a kernel that scans is used by one thread, a row-local one by many (it keeps no state).
+
+    ``dtype`` is the compute dtype (``None``: the inputs'); :meth:`rows` may return ``out_dtype`` (what it is cast to
+    anyway). A kernel that is :attr:`fused` computes only with :mod:`deltakit.engine.fused`, so the engine may hand
+    it its inputs as stored (bfloat16 rows for a float32 merge) instead of converted.
     """
 
     sample = False
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
 
     def __init__(self, p: dict[str, Any], shape: Sequence[int], models: int, seeds: Sequence[int] = ()):
         self.p, self.shape, self.models, self.seeds = p, tuple(shape), models, list(seeds)
@@ -374,14 +381,25 @@ class Kernel(ABC):
 
     @abstractmethod
     def rows(self, start: int, base: torch.Tensor | None, tensors: Tensors) -> torch.Tensor:
-        """The merged rows ``[start, start + len)`` (a new tensor in the compute dtype)."""
+        """The merged rows ``[start, start + len)`` (a new tensor in the compute dtype or ``out_dtype``)."""
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`observe` and :meth:`rows` compute only with :mod:`deltakit.engine.fused` (any input dtype)."""
+        return False
+
+    def combine(self, inputs: Tensors, weights: Sequence[float], **kw: Any) -> torch.Tensor:
+        """:func:`deltakit.engine.fused.combine` in this kernel's compute dtype, returned in its ``out_dtype``."""
+        return fused.combine(inputs, weights, dtype=self.dtype, out_dtype=self.out_dtype, **kw)
 
 
 class Linear(Kernel):
     """``linear`` (and ``layer_swap``, whose first layers get the MLLM's weight 1): :func:`linear`."""
 
+    fused = True
+
     def rows(self, start, base, tensors):
-        return linear(tensors, self.p["weight"], self.p["normalize"])
+        return linear(tensors, self.p["weight"], self.p["normalize"], dtype=self.dtype, out_dtype=self.out_dtype)
 
 
 class TaskArithmetic(Kernel):
@@ -487,7 +505,14 @@ class TaskArithmetic(Kernel):
             self._drawn[(i, start)] = np.packbits(keep.to(torch.bool).numpy().reshape(-1))
         return keep
 
+    @property
+    def fused(self):
+        return not any(self.active) and not self.consensus
+
     def rows(self, start, base, tensors):
+        if self.fused:
+            divisor = _weight_sum(self.p["weight"], self.dtype or tensors[0].dtype) if self.p["normalize"] else 1.0
+            return self.combine(tensors, self.p["weight"], base=base, divisor=divisor, scale=self.p["lambda"])
         deltas = []
         for i, x in enumerate(tensors):
             d = x - base
@@ -507,14 +532,16 @@ class _Gram(Kernel):
         self.gram: torch.Tensor | None = None
         self._scanned = False
 
-    def vectors(self, base: torch.Tensor | None, tensors: Tensors) -> Tensors:
-        return tensors if base is None else _deltas(base, tensors)
+    def vectors(self, base: torch.Tensor | None, tensors: Tensors) -> tuple[Tensors, torch.Tensor | None]:
+        """The Gram matrix's vectors as (inputs, base): ``x_i - b`` of the inputs with a base, else the inputs."""
+        return tensors, base
 
     def scanning(self):
         return not self._scanned
 
     def observe(self, start, base, tensors):
-        g = gram64(self.vectors(base, tensors))
+        inputs, b = self.vectors(base, tensors)
+        g = fused.gram(inputs, base=b)
         self.gram = g if self.gram is None else self.gram.add_(g)
 
     def end_scan(self):
@@ -530,8 +557,10 @@ class Slerp(_Gram):
     over the whole tensor: ``cos = <a, b> / (|a| |b|)`` (norms <= 1e-8 count as 1); ``(1 - t) a + t b`` when
     ``|cos| > 0.9995``, else ``sin((1-t) theta) / sin theta * a + sin(t theta) / sin theta * b``."""
 
+    fused = True
+
     def vectors(self, base, tensors):
-        return [tensors[0], base]  # the engine's stacked read order: a single view
+        return [tensors[0], base], None
 
     def solve(self, g):
         t = float(self.p["t"])
@@ -545,7 +574,7 @@ class Slerp(_Gram):
             self.coef = (math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta))
 
     def rows(self, start, base, tensors):
-        return torch.mul(base, self.coef[0]).add_(tensors[0], alpha=self.coef[1])
+        return self.combine([base, tensors[0]], self.coef)  # mergekit's s0 * a + s1 * b
 
 
 def _nuslerp_coefs(t: float, dot: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,6 +603,10 @@ class NuSlerp(Kernel):
         self._acc: torch.Tensor | None = None
         self._stats: list[torch.Tensor] | None = None
 
+    @property
+    def fused(self):
+        return self.mode == "flat"
+
     def _pair(self, base, tensors):
         v = tensors if base is None else _deltas(base, tensors[:2])
         return v[0], v[1]
@@ -582,11 +615,11 @@ class NuSlerp(Kernel):
         return self.mode != "rows" and self._stats is None
 
     def observe(self, start, base, tensors):
-        v0, v1 = self._pair(base, tensors)
         if self.mode == "flat":
-            g = gram64([v0, v1])
+            g = fused.gram(tensors[:2], base=base)
             part = torch.stack([g[0, 1], g[0, 0], g[1, 1]])
         else:  # per column (dimension 0 summed)
+            v0, v1 = self._pair(base, tensors)
             part = torch.stack([(v0 * v1).double().sum(0), (v0 * v0).double().sum(0), (v1 * v1).double().sum(0)])
         self._acc = part if self._acc is None else self._acc.add_(part)
 
@@ -598,8 +631,8 @@ class NuSlerp(Kernel):
         if self.mode == "flat":  # c0 v0 + c1 v1 (+ b) as one weighted sum of the inputs
             c0, c1 = (float(c) for c in self._stats)
             if base is None:
-                return _weighted(tensors[:2], [c0, c1])
-            return _weighted([tensors[0], tensors[1], base], [c0, c1, 1 - c0 - c1])
+                return self.combine(tensors[:2], [c0, c1], fma=True)
+            return self.combine([tensors[0], tensors[1], base], [c0, c1, 1 - c0 - c1], fma=True)
         v0, v1 = self._pair(base, tensors)
         if self.mode == "rows":
             a, b = (v.reshape(-1, v.shape[-1] if v.dim() else 1) for v in (v0, v1))
@@ -634,14 +667,15 @@ class MultiSlerp(_Gram):
         else:
             self.coef = (c * (float((norms * w).sum()) / mean_norm)).tolist()
 
+    fused = True
+
     def scanning(self):
         return self.models > 1 and super().scanning()
 
     def rows(self, start, base, tensors):
         if len(tensors) == 1:
-            return tensors[0].clone()
-        out = _weighted(self.vectors(base, tensors), self.coef)
-        return out if base is None else out.add_(base)
+            return self.combine(tensors, [1.0])
+        return self.combine(tensors, self.coef, base=base, fma=True)
 
 
 class Karcher(_Gram):
@@ -650,8 +684,10 @@ class Karcher(_Gram):
     span of the inputs, so the iteration runs on their Gram matrix (coefficients, not tensors): one statistic
     scan, then each row block is a weighted sum of the inputs. Norms ``<= tol`` leave the mean (not the scale)."""
 
+    fused = True
+
     def vectors(self, base, tensors):
-        return tensors
+        return tensors, None
 
     def scanning(self):
         return self.models > 1 and super().scanning()
@@ -700,8 +736,8 @@ class Karcher(_Gram):
 
     def rows(self, start, base, tensors):
         if len(tensors) == 1:
-            return tensors[0].clone()
-        return _weighted(tensors, self.coef)
+            return self.combine(tensors, [1.0])
+        return self.combine(tensors, self.coef, fma=True)
 
 
 def _model_stock_t(cos: torch.Tensor, count: int) -> torch.Tensor:
@@ -716,6 +752,10 @@ class ModelStock(_Gram):
     the mean pairwise cosine of the deltas ``d_i`` (each clamped to [-1, 1], norms' product clamped at 1e-6),
     over the whole tensor, or per row (last dimension) with ``filter_wise``."""
 
+    @property
+    def fused(self):
+        return not self.p["filter_wise"]
+
     def scanning(self):
         return not self.p["filter_wise"] and super().scanning()
 
@@ -728,7 +768,7 @@ class ModelStock(_Gram):
     def rows(self, start, base, tensors):
         n = len(tensors)
         if not self.p["filter_wise"]:  # t mean(x_i) + (1 - t) b as one weighted sum of the inputs
-            return _weighted([*tensors, base], [self.t / n] * n + [1 - self.t])
+            return self.combine([*tensors, base], [self.t / n] * n + [1 - self.t], fma=True)
         average = _sum([tensors[0].clone(), *tensors[1:]]).div_(n)
         shape = base.shape
         b = base.reshape(-1, shape[-1] if base.dim() else 1)
@@ -743,10 +783,10 @@ class NearSwap(Kernel):
     """mergekit ``nearswap``: per entry ``w = clamp(t / max(|b - x|, 1e-6), 0, 1)``, ``w x + (1 - w) b``: the other
     model's value where it is within ``t`` of the base, moving toward the base as they differ more."""
 
+    fused = True
+
     def rows(self, start, base, tensors):
-        x = tensors[0]
-        weight = (self.p["t"] / (base - x).abs_().clamp_(min=1e-6)).clamp_(0, 1)
-        return (weight * x).add_((1 - weight).mul_(base))
+        return fused.nearswap(tensors[0], base, self.p["t"], dtype=self.dtype, out_dtype=self.out_dtype)
 
 
 class Sce(Kernel):

@@ -190,6 +190,7 @@ def _build_jobs(plan: MergePlan, mllm_path: str) -> None:
             job.params["seeds"] = seeds
         try:
             job.kernel = config.spec.kernel(job.params, (job.rows, *meta.shape[1:]), len(nonbase), seeds)
+            job.kernel.dtype, job.kernel.out_dtype = plan.compute_dtype, job.out_dtype
         except DeltakitError as exc:
             raise MergeConfigError(f"{info.canonical}: {exc}") from None
     for total, (name, normalize) in sums.items():

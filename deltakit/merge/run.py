@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from deltakit import __version__
+from deltakit.engine import fused
 from deltakit.engine.executor import (
     DEFAULT_KEEP_BYTES,
     Assembly,
@@ -192,8 +193,15 @@ def _split(job: TensorJob, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.
     return (x[n] if job.base else None), x[:n]
 
 
+def _stored(job: TensorJob, block: Block) -> torch.dtype | None:
+    """The dtype to read a block's inputs in: as stored, unconverted, when the kernel is fused and the C kernels take
+    that dtype (:func:`deltakit.engine.fused.reads`) for a float32 merge; else ``None``, the compute dtype."""
+    stored = block.stored_dtype()
+    return stored if job.kernel.fused and job.kernel.dtype == torch.float32 and fused.reads(stored) else None
+
+
 def _merge_rows(job: TensorJob, block: Block) -> None:
-    base, tensors = _split(job, block.read_all(job.shape[1:]))
+    base, tensors = _split(job, block.read_all(job.shape[1:], dtype=_stored(job, block)))
     block.write(job.key, block.start, job.kernel.rows(block.start, base, tensors).to(job.out_dtype))
 
 
@@ -213,9 +221,10 @@ def _tensor_unit(job: TensorJob, block: Block) -> None:
         kernel.prepare(_sample(job, block, n) if job.base else None, [_sample(job, block, i) for i in range(n)])
     kept = block.kept(blocks, job.shape[1:]) if kernel.scanning() else [None] * len(blocks)
     filled = [False] * len(blocks)
+    dtype = _stored(job, block)
 
     def inputs(k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        x = block.read_all(job.shape[1:], *blocks[k], kept=kept[k], filled=filled[k])
+        x = block.read_all(job.shape[1:], *blocks[k], kept=kept[k], filled=filled[k], dtype=dtype)
         filled[k] = kept[k] is not None
         return _split(job, x)
 
