@@ -95,14 +95,12 @@ void dk_nearswap(const void *x, const void *base, int in_dtype, float t, void *o
         int len = count - first < TILE ? (int)(count - first) : TILE;
         load(base, in_dtype, first, len, a);
         load(x, in_dtype, first, len, v);
-        for (int k = 0; k < len; k++) {
-            float d = fabsf(a[k] - v[k]);
-            d = d < lo ? lo : d;
-            float w = (1.0f / d) * t;
-            w = w < 0.0f ? 0.0f : w;
-            w = w > 1.0f ? 1.0f : w;
-            r[k] = w * v[k] + (1.0f - w) * a[k];
-        }
+        for (int k = 0; k < len; k++) r[k] = fabsf(a[k] - v[k]); /* one simple loop per step: each vectorizes */
+        for (int k = 0; k < len; k++) r[k] = r[k] < lo ? lo : r[k];
+        for (int k = 0; k < len; k++) r[k] = (1.0f / r[k]) * t;
+        for (int k = 0; k < len; k++) r[k] = r[k] < 0.0f ? 0.0f : r[k];
+        for (int k = 0; k < len; k++) r[k] = r[k] > 1.0f ? 1.0f : r[k];
+        for (int k = 0; k < len; k++) r[k] = r[k] * v[k] + (1.0f - r[k]) * a[k];
         store(out, out_dtype, first, len, r);
     }
 }
