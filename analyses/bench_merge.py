@@ -7,8 +7,9 @@ a temporary folder: A from a seeded random init, B and C = A plus Gaussian noise
 methods that take one), each tool runs in its own child process, merging every tensor (embeddings
 included, so both do the same work) in float32 and writing bf16, each starting with its inputs read into the
 page cache (:func:`warm`). A child reports its wall time for the
-merge call and its peak RSS (VmHWM); a few merged tensors of both outputs are compared. Prints a
-markdown table and writes docs/benchmarks/merge.json (merge-3b.json).
+merge call, the time until its output is on disk (``synced_seconds``: deltakit's merge ends with an ``fsync``,
+mergekit's does not, so the child fsyncs its files), and its peak RSS (VmHWM); a few merged tensors of both outputs
+are compared. Prints a markdown table and writes docs/benchmarks/merge.json (merge-3b.json).
 
     python analyses/bench_merge.py [--repeats N] [--keep DIR] [--methods a,b] [--size 0.5b|3b]
 """
@@ -90,8 +91,15 @@ def _vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu() -> float:
+    """CPU seconds of this process so far, every thread, user and system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def child(tool: str, method: str, a: Path, b: Path, c: Path, out: Path) -> None:
-    """Run one merge in this process and print {seconds, peak_rss_mb} as JSON."""
+    """Run one merge in this process and print {seconds, synced_seconds, cpu_seconds (of the merge call, every
+    thread, user and system), peak_rss_mb} as JSON."""
     config = {**recipe(method, a, b, c), "dtype": "float32", "out_dtype": "bfloat16"}
     if tool == "mergekit":
         from mergekit.config import MergeConfiguration
@@ -99,17 +107,22 @@ def child(tool: str, method: str, a: Path, b: Path, c: Path, out: Path) -> None:
         from mergekit.options import MergeOptions
 
         cfg = MergeConfiguration.model_validate(config)
-        start = time.perf_counter()
+        cpu, start = _cpu(), time.perf_counter()
         run_merge(cfg, str(out), MergeOptions(copy_tokenizer=False, lazy_unpickle=True, quiet=True))
     else:
         from deltakit.merge import MergeConfig, merge
 
         cfg = MergeConfig.from_dict({**config, "modules": ["attn", "mlp", "norm", "embed", "lm_head"]})
-        start = time.perf_counter()
+        cpu, start = _cpu(), time.perf_counter()
         merge(cfg, out)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu
+    for f in sorted(out.iterdir()):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    synced = time.perf_counter() - start
     rss = _vm_hwm_mb()
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss}))
+    print(json.dumps({"seconds": seconds, "synced_seconds": synced, "cpu_seconds": cpu, "peak_rss_mb": rss}))
 
 
 def warm(method: str, a: Path, b: Path, c: Path) -> float:
@@ -187,14 +200,16 @@ SIZES = {"0.5b": SHAPE, "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2,
 
 def write_results(rows: list[dict], args: argparse.Namespace, name: str) -> str:
     """The markdown table of ``rows``, written with the run's machine and load to docs/benchmarks/<name>.json."""
-    lines = ["| method | mergekit s | deltakit s | speedup (goal >= 5x) | mergekit peak RSS MB | deltakit peak RSS MB | RSS ratio (goal <= 0.5) | "
-             "max diff (bf16 ulps) | entries differing |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | mergekit s | deltakit s | speedup (goal >= 5x) | to disk: mergekit s | deltakit s | speedup | "
+             "mergekit peak RSS MB | deltakit peak RSS MB | RSS ratio (goal <= 0.5) | max diff (bf16 ulps) | entries differing |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         agree = (f"random: keep rate {r['keep_rate']['deltakit']:.4f} vs {r['keep_rate']['mergekit']:.4f}" if "keep_rate" in r
                  else f"{r['differing']:.3%}")
         diff = "-" if "keep_rate" in r else f"{r['max_diff_bf16_ulps']:.0f}"
-        lines.append(f"| {r['method']} | {r['mergekit_s']:.1f} | {r['deltakit_s']:.2f} | {r['speedup']:.1f}x | "
+        synced = (f"{r['mergekit_synced_s']:.1f} | {r['deltakit_synced_s']:.2f} | {r['synced_speedup']:.1f}x"
+                  if "synced_speedup" in r else "- | - | -")  # rows measured before the column existed
+        lines.append(f"| {r['method']} | {r['mergekit_s']:.1f} | {r['deltakit_s']:.2f} | {r['speedup']:.1f}x | {synced} | "
                      f"{r['mergekit_rss_mb']:.0f} | {r['deltakit_rss_mb']:.0f} | {r['rss_ratio']:.2f} | {diff} | {agree} |")
     import mergekit
     import torch
@@ -228,6 +243,9 @@ def main() -> None:
     name = "merge" if args.size == "0.5b" else f"merge-{args.size}"
     rows = []
     machine = _machine()
+    from deltakit.engine import fused
+
+    native = fused.native() is not None  # deltakit's C kernels built (deltakit/engine/_fused.c)
     previous = ROOT / "docs" / "benchmarks" / f"{name}.json"
     if args.append and previous.exists():  # a kept row keeps the machine it was measured on
         kept = json.loads(previous.read_text())
@@ -244,6 +262,7 @@ def main() -> None:
                 for tool in ("mergekit", "deltakit"):
                     runs[tool].append(run_child(tool, method, a, b, c, folder / f"out_{tool}_{method}"))
             best = {t: min(r, key=lambda x: x["seconds"]) for t, r in runs.items()}
+            synced = {t: min(x["synced_seconds"] for x in r) for t, r in runs.items()}
             peak = {t: max(x["peak_rss_mb"] for x in r) for t, r in runs.items()}
             rows.append({
                 "method": method, "machine": machine, "recipe": recipe(method, a, b, c),
@@ -251,6 +270,9 @@ def main() -> None:
                 "command": " ".join(["python analyses/bench_merge.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "deltakit_s": best["deltakit"]["seconds"], "mergekit_s": best["mergekit"]["seconds"],
                 "speedup": best["mergekit"]["seconds"] / best["deltakit"]["seconds"],
+                "deltakit_synced_s": synced["deltakit"], "mergekit_synced_s": synced["mergekit"],
+                "synced_speedup": synced["mergekit"] / synced["deltakit"], "c_kernels": native,
+                "deltakit_cpu_s": best["deltakit"]["cpu_seconds"], "mergekit_cpu_s": best["mergekit"]["cpu_seconds"],
                 "deltakit_rss_mb": peak["deltakit"], "mergekit_rss_mb": peak["mergekit"],
                 "rss_ratio": peak["deltakit"] / peak["mergekit"],
                 **compare(method, folder),
