@@ -45,9 +45,11 @@ def _safe_divisor(total: float) -> float:
     return 1.0 if abs(total) < 1e-8 else total
 
 
-def _weight_sum(weights: Sequence[float], dtype: torch.dtype) -> float:
-    """``sum w_i`` as mergekit takes it for inputs of ``dtype``: the weights summed in float64 for float64, else in
-    float32; 1 when below 1e-8 in magnitude."""
+def _divisor(weights: Sequence[float], normalize: bool, dtype: torch.dtype) -> float:
+    """What a ``normalize``d weighted sum is divided by, as mergekit takes ``sum w_i`` for inputs of ``dtype``: the
+    weights summed in float64 for float64, else in float32; 1 when below 1e-8 in magnitude, or without ``normalize``."""
+    if not normalize:
+        return 1.0
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     return _safe_divisor(float(torch.tensor([float(w) for w in weights], dtype=wide).sum()))
 
@@ -76,9 +78,8 @@ def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True, *
     """``sum w_i x_i``, divided by ``sum w_i`` when ``normalize`` (mergekit ``linear``), computed in ``dtype``
     (default: the inputs') and returned in ``out_dtype``: the first product, then each next one added in one rounding,
     as mergekit's ``addcmul_`` (:func:`deltakit.engine.fused.combine`)."""
-    divisor = _weight_sum(weights, dtype or tensors[0].dtype) if normalize else 1.0
-    return fused.combine(tensors, weights, divisor=divisor, fma=True, dtype=dtype,
-                         out_dtype=out_dtype)
+    divisor = _divisor(weights, normalize, dtype or tensors[0].dtype)
+    return fused.combine(tensors, weights, divisor=divisor, fma=True, dtype=dtype, out_dtype=out_dtype)
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Tensors, weights: Sequence[float],
@@ -511,7 +512,7 @@ class TaskArithmetic(Kernel):
 
     def rows(self, start, base, tensors):
         if self.fused:
-            divisor = _weight_sum(self.p["weight"], self.dtype or tensors[0].dtype) if self.p["normalize"] else 1.0
+            divisor = _divisor(self.p["weight"], self.p["normalize"], self.dtype or tensors[0].dtype)
             return self.combine(tensors, self.p["weight"], base=base, divisor=divisor, scale=self.p["lambda"])
         deltas = []
         for i, x in enumerate(tensors):
