@@ -115,3 +115,79 @@ def test_nearswap_is_mergekits_expression_bit_for_bit(path, stored, out_dtype):
         got = fused.nearswap(b, a, t, dtype=torch.float32, out_dtype=out_dtype)
         assert (fused._native_inputs([b], a) is not None) == (path == "c")
         assert torch.equal(got, want), f"n={n}: {int((got != want).sum())} entries differ"
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**32 + 3, 2**63 - 1, 2**64 - 1])
+def test_uniform_is_torch_rand_bit_for_bit(path, seed):
+    for n in (1, 623, 624, 625, 1248, 5000):
+        assert torch.equal(fused.uniform(n, seed), torch.rand(n, generator=torch.Generator().manual_seed(seed))), (seed, n)
+
+
+def test_pack_and_unpack_are_little_endian_bits():
+    keep = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert fused.pack(keep).tolist() == [1 + 8 + 16, 1 + 2]
+    assert torch.equal(fused.unpack(fused.pack(keep), 10), keep)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_dare_mask_is_u_below_the_density_with_float64_sums(path, stored):
+    for n in SIZES:
+        xs, b = _inputs(n, stored, seed=n)
+        u = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        bits, before, after = fused.sparse_mask(xs[0], b, u, 0.3)
+        want = u < torch.tensor(0.3, dtype=torch.float32)
+        assert torch.equal(fused.unpack(bits, n), want)
+        d = (xs[0].float() - b.float()).abs().double()
+        assert before == pytest.approx(float(d.sum()), rel=1e-12) and after == pytest.approx(float(d[want].sum()), rel=1e-12)
+
+
+def _sparse_formula(xs, weights, base, masks, factors, consensus, normalize, divisor, scale) -> torch.Tensor:
+    """TIES / DARE's mix in float32, written entry by entry as sums of terms (mergekit's sign election: a term counts
+    when its sign is the sign of the sum, >= 0 counting as +)."""
+    w = [torch.tensor(x, dtype=torch.float32) for x in weights]
+    b = base.float()
+    terms = []
+    for x, wi, keep, f in zip(xs, w, masks, factors):
+        d = x.float() - b
+        if keep is not None:
+            d = d * keep.float()
+        d = d * torch.tensor(1.0 if f is None else f, dtype=torch.float32)
+        terms.append(d * wi)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    if not consensus:
+        mixed = total / torch.tensor(divisor, dtype=torch.float32) if normalize else total
+    else:
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        agree = [torch.sign(t) == sign for t in terms]
+        mixed = torch.zeros_like(total)
+        div = torch.zeros_like(total)
+        for t, a, wi in zip(terms, agree, w):
+            mixed = mixed + torch.where(a, t, torch.zeros_like(t))
+            div = div + torch.where(a, wi, torch.zeros_like(t))
+        if normalize:
+            mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
+    return mixed * torch.tensor(scale, dtype=torch.float32) + b
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_sparse_combine_is_its_formula(path, consensus, normalize, stored):
+    """Against the formula: without consensus bit for bit; with it to float32 rounding (the kernel sums the positive and
+    the negative terms apart, the formula the agreeing ones)."""
+    for n in SIZES:
+        xs, b = _inputs(n, stored, seed=n)
+        g = torch.Generator().manual_seed(n)
+        keeps = [torch.rand(n, generator=g) < 0.4, None, torch.rand(n, generator=g) < 0.7]
+        masks = [None if k is None else fused.pack(k) for k in keeps]
+        factors = [2.5, None, 1.25]
+        got = fused.sparse_combine(xs, WEIGHTS, base=b, masks=masks, factors=factors, consensus=consensus,
+                                   normalize=normalize, divisor=0.7, scale=0.9, dtype=torch.float32, out_dtype=torch.float32)
+        want = _sparse_formula(xs, WEIGHTS, b, keeps, factors, consensus, normalize, 0.7, 0.9)
+        if consensus:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want), n
+        assert got.shape == xs[0].shape and got.dtype == torch.float32

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltakit.merge import METHODS, MergeConfig, MergeConfigError, merge
-from deltakit.merge.methods import DARE_BLOCK, della_keep, merge_tensor
+from deltakit.merge.methods import DARE_BLOCK, merge_tensor
 from deltakit.tiny import SPECIAL, save_partner_llm, save_tiny
 
 
@@ -232,23 +232,30 @@ def test_della_formula_with_the_documented_seeded_draw(xs, method):
         merge_tensor(method, xs["base"], [xs["a"]], weight=[1.0], density=[0.1], epsilon=[0.15])
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("shape, levels", [((40, 97), 7), ((3, 24, 33), 4), ((500,), 1000), ((1,), 3), ((6, 1), 3)])
-def test_della_keep_matches_the_stable_rank_formula_with_many_ties(shape, levels):
-    """della_keep (a sort and thresholds) against the ranks of a stable argsort along the last dimension, on
-    magnitudes drawn from a few levels (so most entries are tied) and on a fused [E, R, C] tensor."""
+def test_della_mask_matches_the_stable_rank_formula_with_many_ties(monkeypatch, shape, levels, c_kernels):
+    """DELLA's keep mask (fused.sparse_mask, C and torch) against the ranks of a stable argsort along the last dimension,
+    on magnitudes drawn from a few levels (so most entries are tied, zeros included) and on a fused [E, R, C] tensor;
+    with the float64 sums of |d| and of the kept |d|."""
+    from deltakit.engine import fused
+
+    if not c_kernels:
+        monkeypatch.setattr(fused, "native", lambda: None)
     g = torch.Generator().manual_seed(levels)
-    a = torch.randint(0, levels, shape, generator=g).float() / levels
+    x = (torch.randint(0, levels, shape, generator=g).float() / levels).mul_(torch.randint(0, 2, shape, generator=g) * 2 - 1)
+    base = torch.zeros(shape)
     u = torch.rand(shape, generator=g)
-    rows = a.numpy().reshape(-1, shape[-1])
+    rows = x.abs().numpy().reshape(-1, shape[-1]).astype(np.float64)
     m = rows.shape[1]
     ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable")
     for density, epsilon in [(0.4, 0.1), (0.5, 0.45), (0.2, 0.15)]:
         p = density - epsilon + 2 * epsilon * ranks / max(m - 1, 1)
         want = u.numpy().reshape(rows.shape).astype(np.float64) < p
-        got = della_keep(a, u, density, epsilon).numpy().reshape(rows.shape)
-        decided = rows != 0  # a magnitude of 0 merges to 0 whether kept or not
-        assert (got == want)[decided].all(), (shape, density, epsilon)
-        assert decided.sum() > 0.5 * rows.size
+        bits, before, after = fused.sparse_mask(x, base, u, density, epsilon=epsilon, row=m)
+        got = fused.unpack(bits, x.numel()).numpy().reshape(rows.shape)
+        assert (got == want).all(), (shape, density, epsilon)
+        assert before == pytest.approx(rows.sum(), rel=1e-12) and after == pytest.approx(rows[want].sum(), rel=1e-12)
 
 
 def test_ties_with_rescale_formula(xs):
@@ -425,12 +432,15 @@ def test_blocks_kept_between_passes_are_read_once_and_merge_as_the_formula(reque
     assert totals[1 << 30] < totals[one] < totals[0]
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "nearswap", "slerp", "nuslerp", "multislerp", "karcher", "model_stock"])
+EXACT = ("linear", "task_arithmetic", "nearswap", "dare_linear", "dare_ties", "della", "della_linear", "ties", "breadcrumbs_ties")
+
+
+@pytest.mark.parametrize("method", [*EXACT, "slerp", "nuslerp", "multislerp", "karcher", "model_stock"])
 def test_the_c_kernels_merge_as_the_torch_operations(bf16_pair, tmp_path, monkeypatch, method):
     """bf16 checkpoints merged in float32: a fused method's kernels get their inputs as stored (deltakit.engine.fused);
-    with the C kernels switched off the same merge runs as torch operations on float32 inputs. Weighted sums and nearswap
-    agree bit for bit; a method with a Gram scan within one bf16 rounding (float64 products there, chunked float32 sums
-    here)."""
+    with the C kernels switched off the same merge runs as torch operations on float32 inputs. Weighted sums, nearswap and
+    the sparsified sums (TIES and Breadcrumbs get float32 inputs both times: their top-k scans are torch operations) agree
+    bit for bit; a method with a Gram scan within one bf16 rounding (float64 products there, chunked float32 sums here)."""
     from deltakit.engine import fused
     from deltakit.merge import run
 
@@ -439,7 +449,8 @@ def test_the_c_kernels_merge_as_the_torch_operations(bf16_pair, tmp_path, monkey
     choose = run._stored
     monkeypatch.setattr(run, "_stored", lambda job, block: (stored.append(choose(job, block)), stored[-1])[1])
     merge(config, tmp_path / "c", block_elements=512, threads=2)
-    assert stored and set(stored) == {torch.bfloat16}  # every merged block went to the C kernels unconverted
+    kept = {None} if method in ("ties", "breadcrumbs_ties") else {torch.bfloat16}
+    assert stored and set(stored) == kept  # every merged block of a fused method went to the C kernels unconverted
     stored.clear()
     with monkeypatch.context() as m:
         m.setattr(fused, "native", lambda: None)
@@ -448,7 +459,7 @@ def test_the_c_kernels_merge_as_the_torch_operations(bf16_pair, tmp_path, monkey
     c, t = _load(tmp_path / "c"), _load(tmp_path / "torch")
     assert c.keys() == t.keys()
     differ = sum(int((c[k] != t[k]).sum()) for k in c)
-    if method in ("linear", "task_arithmetic", "nearswap"):
+    if method in EXACT:
         assert differ == 0
     else:
         assert differ <= 1e-3 * sum(x.numel() for x in c.values()), differ

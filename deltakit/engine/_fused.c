@@ -11,6 +11,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TILE 1024
@@ -134,6 +135,215 @@ void dk_gram(int n, const void *const *x, const void *base, int in_dtype, int64_
             gram[i * n + j] += total[i * n + j];
             if (j != i) gram[j * n + i] += total[i * n + j];
         }
+}
+
+/* torch.rand(count, generator=torch.Generator().manual_seed(seed)) on the CPU: torch's mt19937 seeded with the seed's
+   low 32 bits, one 32-bit draw per entry, u = (r & (2^24 - 1)) * 2^-24 (exact in float32). */
+DK_CLONES
+void dk_uniform(uint64_t seed, int64_t count, float *out) {
+    uint32_t s[625];
+    s[0] = (uint32_t)seed;
+    for (int i = 1; i < 624; i++) s[i] = 1812433253u * (s[i - 1] ^ (s[i - 1] >> 30)) + (uint32_t)i;
+    for (int64_t first = 0; first < count; first += 624) {
+        /* the twist, a new state of 624 words, in three runs that each vectorize (s[624] stands for s[0]) */
+        for (int i = 0; i < 227; i++) {
+            uint32_t y = (s[i] & 0x80000000u) | (s[i + 1] & 0x7fffffffu);
+            s[i] = s[i + 397] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+        }
+        for (int i = 227; i < 623; i++) {
+            uint32_t y = (s[i] & 0x80000000u) | (s[i + 1] & 0x7fffffffu);
+            s[i] = s[i - 227] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+        }
+        uint32_t y = (s[623] & 0x80000000u) | (s[0] & 0x7fffffffu);
+        s[623] = s[396] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);
+        int len = count - first < 624 ? (int)(count - first) : 624;
+        float *o = out + first;
+        for (int i = 0; i < len; i++) {
+            uint32_t t = s[i];
+            t ^= t >> 11;
+            t ^= (t << 7) & 0x9d2c5680u;
+            t ^= (t << 15) & 0xefc60000u;
+            t ^= t >> 18;
+            o[i] = (float)(int32_t)(t & 0xffffffu) * (1.0f / 16777216.0f);
+        }
+    }
+}
+
+/* Stable ranks of m non-negative float32 magnitudes (their bit patterns order as they do; 31 bits): an LSD radix sort
+   of (key << 32 | position) in digits of 11, 10 and 10 bits, skipping a pass whose digit all keys share. A pass whose
+   digit most keys share (bf16 deltas: the low bits are nearly always 0) keeps that bucket's position in a register
+   while the digit repeats, instead of a chain of counter updates through memory. pair and tmp hold m entries. */
+static void stable_ranks(const float *a, int64_t m, uint64_t *pair, uint64_t *tmp, int32_t *rank) {
+    static const int shift[3] = {0, 11, 21}, width[3] = {11, 10, 10};
+    uint32_t hist[3][2048];
+    memset(hist, 0, sizeof hist);
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t key;
+        memcpy(&key, &a[j], sizeof key);
+        pair[j] = (uint64_t)key << 32 | (uint64_t)j;
+        hist[0][key & 2047u]++;
+        hist[1][(key >> 11) & 1023u]++;
+        hist[2][(key >> 21) & 1023u]++;
+    }
+    for (int d = 0; d < 3; d++) {
+        const uint32_t mask = (1u << width[d]) - 1u;
+        const int sh = 32 + shift[d];
+        uint32_t *h = hist[d], at = 0, most = 0;
+        if (h[(uint32_t)(pair[0] >> sh) & mask] == (uint32_t)m) continue;
+        for (uint32_t b = 0; b <= mask; b++) {
+            uint32_t c = h[b];
+            most = c > most ? c : most;
+            h[b] = at;
+            at += c;
+        }
+        if (most > (uint32_t)(m - m / 8)) {
+            uint32_t cur = (uint32_t)(pair[0] >> sh) & mask, pos = h[cur];
+            for (int64_t j = 0; j < m; j++) {
+                uint64_t p = pair[j];
+                uint32_t b = (uint32_t)(p >> sh) & mask;
+                if (b != cur) {
+                    h[cur] = pos;
+                    cur = b;
+                    pos = h[b];
+                }
+                tmp[pos++] = p;
+            }
+        } else {
+            for (int64_t j = 0; j < m; j++) {
+                uint64_t p = pair[j];
+                tmp[h[(uint32_t)(p >> sh) & mask]++] = p;
+            }
+        }
+        uint64_t *t = pair;
+        pair = tmp;
+        tmp = t;
+    }
+    for (int64_t j = 0; j < m; j++) rank[(uint32_t)pair[j]] = (int32_t)j;
+}
+
+/* the float64 sums of a[0..len) and of the kept entries of a, added to sums[0] and sums[1] */
+static inline void add_sums(const uint8_t *keep, const float *a, int64_t len, double *sums) {
+    double s0 = 0.0, s1 = 0.0;
+#pragma omp simd reduction(+ : s0, s1)
+    for (int64_t k = 0; k < len; k++) {
+        s0 += (double)a[k];
+        s1 += keep[k] ? (double)a[k] : 0.0;
+    }
+    sums[0] += s0;
+    sums[1] += s1;
+}
+
+/* keep[0..len) (0/1 bytes) as the bits from bit `first` on, a multiple of 8 */
+static inline void pack_bits(const uint8_t *keep, int64_t first, int64_t len, uint8_t *bits) {
+    uint8_t *o = bits + first / 8;
+    int64_t full = len / 8;
+    for (int64_t q = 0; q < full; q++) {
+        const uint8_t *k8 = keep + 8 * q;
+        o[q] = (uint8_t)(k8[0] | k8[1] << 1 | k8[2] << 2 | k8[3] << 3 | k8[4] << 4 | k8[5] << 5 | k8[6] << 6 | k8[7] << 7);
+    }
+    if (len % 8) {
+        uint8_t last = 0;
+        for (int64_t k = 8 * full; k < len; k++) last |= (uint8_t)(keep[k] << (k - 8 * full));
+        o[full] = last;
+    }
+}
+
+/* The keep mask of a DARE or DELLA delta d = x - base, as bits (entry k is bit k % 8 of byte k / 8), and the float64
+   sums of |d| and of the kept |d| (sums[0], sums[1], added to). u holds one uniform per entry.
+   DARE (della = 0): keep = u < density. DELLA: along each row of m entries keep = (u - lo) / step < r in float64, r the
+   entry's stable rank by |d| in its row (0 = smallest).
+   Returns -1 when the buffers of DELLA's rows cannot be allocated, else 0. */
+DK_CLONES
+int dk_sparse_mask(const void *x, const void *base, int in_dtype, const float *u, float density, int della, double lo,
+                   double step, int64_t m, int64_t count, uint8_t *bits, double *sums) {
+    if (!della) {
+        float v[TILE], b[TILE];
+        uint8_t keep[TILE];
+        for (int64_t first = 0; first < count; first += TILE) {
+            int len = count - first < TILE ? (int)(count - first) : TILE;
+            load(x, in_dtype, first, len, v);
+            load(base, in_dtype, first, len, b);
+            for (int k = 0; k < len; k++) v[k] = fabsf(v[k] - b[k]);
+            for (int k = 0; k < len; k++) keep[k] = u[first + k] < density;
+            add_sums(keep, v, len, sums);
+            pack_bits(keep, first, len, bits);
+        }
+        return 0;
+    }
+    if (m > INT32_MAX) return -1;
+    float *a = malloc((size_t)m * sizeof *a), *row = malloc((size_t)m * sizeof *row);
+    uint64_t *pair = malloc((size_t)m * sizeof *pair), *tmp = malloc((size_t)m * sizeof *tmp);
+    int32_t *rank = malloc((size_t)m * sizeof *rank);
+    uint8_t *keep = malloc((size_t)count);
+    int ok = a && row && pair && tmp && rank && keep;
+    for (int64_t first = 0; ok && first < count; first += m) {
+        load(x, in_dtype, first, (int)m, a);
+        load(base, in_dtype, first, (int)m, row);
+        for (int64_t j = 0; j < m; j++) a[j] = fabsf(a[j] - row[j]);
+        stable_ranks(a, m, pair, tmp, rank);
+        const float *uf = u + first;
+        uint8_t *k8 = keep + first;
+        for (int64_t j = 0; j < m; j++) k8[j] = ((double)uf[j] - lo) / step < (double)rank[j];
+        add_sums(k8, a, m, sums);
+    }
+    if (ok) pack_bits(keep, 0, count, bits);
+    free(a); free(row); free(pair); free(tmp); free(rank); free(keep);
+    return ok ? 0 : -1;
+}
+
+/* TIES and DARE's mix of sparsified deltas, the torch operations of deltakit.merge.methods.combine in their order:
+   d_i = (x_i - b) * keep_i * factor[i] * w[i] (keep_i from bits[i], all kept where bits[i] is NULL; each product
+   rounded), summed left to right. Without consensus: divided by divisor when normalize; with it, the sign of the sum is
+   elected (>= 0: +) and only the terms of that sign are summed, divided (normalize) by the sum of their weights
+   (1 where none). Then times scale (skipped for 1) and b added back. */
+DK_CLONES
+void dk_sparse_combine(int n, const void *const *x, const float *w, const float *factor, const uint8_t *const *bits,
+                       const void *base, int in_dtype, int consensus, int normalize, float divisor, float scale,
+                       void *out, int out_dtype, int64_t count) {
+    float b[TILE], v[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
+    for (int64_t first = 0; first < count; first += TILE) {
+        int len = count - first < TILE ? (int)(count - first) : TILE;
+        load(base, in_dtype, first, len, b);
+        for (int i = 0; i < n; i++) {
+            load(x[i], in_dtype, first, len, v);
+            for (int k = 0; k < len; k++) v[k] = v[k] - b[k];
+            if (bits[i])
+                for (int k = 0; k < len; k++) v[k] = v[k] * (float)((bits[i][(first + k) >> 3] >> ((first + k) & 7)) & 1);
+            for (int k = 0; k < len; k++) v[k] = v[k] * factor[i];
+            for (int k = 0; k < len; k++) v[k] = v[k] * w[i];
+            if (i == 0)
+                for (int k = 0; k < len; k++) total[k] = v[k];
+            else
+                for (int k = 0; k < len; k++) total[k] = total[k] + v[k];
+            if (!consensus) continue;
+            for (int k = 0; k < len; k++) {
+                float p = v[k] < 0.0f ? 0.0f : v[k], q = v[k] > 0.0f ? 0.0f : v[k];
+                float fp = (float)(v[k] > 0.0f) * w[i], fn = (float)(v[k] < 0.0f) * w[i];
+                pos[k] = i ? pos[k] + p : p;
+                neg[k] = i ? neg[k] + q : q;
+                wpos[k] = i ? wpos[k] + fp : fp;
+                wneg[k] = i ? wneg[k] + fn : fn;
+            }
+        }
+        if (!consensus) {
+            if (normalize)
+                for (int k = 0; k < len; k++) total[k] = total[k] / divisor;
+        } else {
+            for (int k = 0; k < len; k++) {
+                float up = (float)(total[k] >= 0.0f), down = (float)(total[k] < 0.0f);
+                float mixed = pos[k] * up + neg[k] * down;
+                if (normalize) {
+                    float div = wpos[k] * up + wneg[k] * down;
+                    mixed = mixed / (div + (float)(div == 0.0f));
+                }
+                total[k] = mixed;
+            }
+        }
+        if (scale != 1.0f)
+            for (int k = 0; k < len; k++) total[k] = total[k] * scale;
+        for (int k = 0; k < len; k++) total[k] = total[k] + b[k];
+        store(out, out_dtype, first, len, total);
+    }
 }
 
 int dk_max_inputs(void) { return MAX_INPUTS; }

@@ -54,23 +54,9 @@ def _divisor(weights: Sequence[float], normalize: bool, dtype: torch.dtype) -> f
     return _safe_divisor(float(torch.tensor([float(w) for w in weights], dtype=wide).sum()))
 
 
-def _flag(op, x: torch.Tensor, value: float) -> torch.Tensor:
-    """``op(x, value)`` as 0/1 in ``x``'s dtype (a float mask: much faster to build and apply than a bool one)."""
-    return op(x, value, out=torch.empty_like(x))
-
-
 def _count(flag: torch.Tensor) -> int:
     """Number of ones in a 0/1 float mask (a float32 sum is exact below 2**24 entries)."""
     return int(flag.sum() if flag.numel() < 1 << 24 else flag.sum(dtype=torch.float64))
-
-
-def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Left-to-right sum into the first (fresh) tensor."""
-    it = iter(tensors)
-    out = next(it)
-    for t in it:
-        out.add_(t)
-    return out
 
 
 def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True, *, dtype: torch.dtype | None = None,
@@ -85,42 +71,16 @@ def linear(tensors: Tensors, weights: Sequence[float], normalize: bool = True, *
 def task_arithmetic(base: torch.Tensor, tensors: Tensors, weights: Sequence[float],
                     lambda_: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """``b + lambda * sum w_i (x_i - b)`` (divided by ``sum w_i`` when ``normalize``)."""
-    return combine(base, [x - base for x in tensors], weights, False, lambda_, normalize)
-
-
-def combine(base: torch.Tensor, deltas: list[torch.Tensor], weights: Sequence[float], consensus: bool,
-            lambda_: float, normalize: bool) -> torch.Tensor:
-    """``base + lambda * mix(w_i d_i)`` for (sparsified) deltas (modified in place).
-
-    Without ``consensus`` the mix is the sum (divided by ``sum w_i`` when ``normalize``); with it, per
-    entry the sign of ``sum w_i d_i`` is elected (ties go to +) and only the non-zero terms of that sign
-    are summed (divided by the sum of their weights when ``normalize``: the TIES disjoint mean). The
-    operations and their order match mergekit's, so results agree to the bit; the election is written
-    with 0/1 float masks (sum of the positive parts where + wins, of the negative parts elsewhere).
-    """
-    weighted = [d.mul_(float(w)) for d, w in zip(deltas, weights)]
-    total = _sum([weighted[0].clone() if len(weighted) > 1 else weighted[0], *weighted[1:]])
-    if not consensus:
-        if normalize:
-            total.div_(_safe_divisor(sum(weights)))
-        return _scaled(total, lambda_).add_(base)
-    up, down = _flag(torch.ge, total, 0.0), _flag(torch.lt, total, 0.0)
-    pos = _sum(d.clamp(min=0) for d in weighted)
-    neg = _sum(d.clamp(max=0) for d in weighted)
-    mixed = pos.mul_(up).add_(neg.mul_(down))
-    if normalize:
-        w_pos = _sum(_flag(torch.gt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
-        w_neg = _sum(_flag(torch.lt, d, 0.0).mul_(float(w)) for d, w in zip(weighted, weights))
-        divisor = w_pos.mul_(up).add_(w_neg.mul_(down))
-        mixed.div_(divisor.add_(_flag(torch.eq, divisor, 0.0)))
-    return _scaled(mixed, lambda_).add_(base)
+    n = len(tensors)
+    return fused.sparse_combine(tensors, weights, base=base, masks=[None] * n, factors=[None] * n, consensus=False,
+                                normalize=normalize, divisor=_safe_divisor(sum(weights)), scale=lambda_)
 
 
 def _elected(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """mergekit's ``get_mask(method="sum")``: 0/1 masks of the entries whose sign is that of ``sum d_i`` (0 counts as +)."""
-    total = _sum([deltas[0].clone(), *deltas[1:]])
-    up = _flag(torch.ge, total, 0.0)
-    return [torch.where(up.bool(), _flag(torch.gt, d, 0.0), _flag(torch.lt, d, 0.0)) for d in deltas]
+    total = fused.left_sum([deltas[0].clone(), *deltas[1:]])
+    up = fused.flag(torch.ge, total, 0.0)
+    return [torch.where(up.bool(), fused.flag(torch.gt, d, 0.0), fused.flag(torch.lt, d, 0.0)) for d in deltas]
 
 
 # -- exact streamed top-k ----------------------------------------------------------------------------------
@@ -173,12 +133,12 @@ class TopK:
     def observe(self, a: torch.Tensor) -> None:
         """Count one block (blocks in any order, each once per scan)."""
         if self.of_nonzero and self._scans == 0:
-            self._nonzero += _count(_flag(torch.ne, a, 0.0))
-        self._above += _count(_flag(torch.gt, a, self.hi))
+            self._nonzero += _count(fused.flag(torch.ne, a, 0.0))
+        self._above += _count(fused.flag(torch.gt, a, self.hi))
         if self.lo == self.hi:
-            self._n_inside += _count(_flag(torch.eq, a, self.hi))
+            self._n_inside += _count(fused.flag(torch.eq, a, self.hi))
         else:
-            inside = a[_flag(torch.ge, a, self.lo).mul_(_flag(torch.le, a, self.hi)).bool()]
+            inside = a[fused.flag(torch.ge, a, self.lo).mul_(fused.flag(torch.le, a, self.hi)).bool()]
             self._inside.append(inside)
             self._n_inside += inside.numel()
 
@@ -223,10 +183,10 @@ class TopK:
         if self.nothing:
             return torch.zeros_like(a)
         if self._all_equal:
-            return _flag(torch.ge, a, self.threshold)
-        keep = _flag(torch.gt, a, self.threshold)
+            return fused.flag(torch.ge, a, self.threshold)
+        keep = fused.flag(torch.gt, a, self.threshold)
         if self._quota > 0:
-            eq = _flag(torch.eq, a, self.threshold)
+            eq = fused.flag(torch.eq, a, self.threshold)
             n = _count(eq)
             if n <= self._quota:
                 keep.add_(eq)
@@ -288,57 +248,20 @@ def uniform(shape: Sequence[int], seed: int, first_row: int = 0) -> torch.Tensor
     """
     shape = tuple(shape)
     if not shape:
-        return torch.rand((), generator=torch.Generator().manual_seed(seed))
+        return fused.uniform(1, seed).reshape(())
     rows = dare_block_rows(shape)
     if first_row % rows:
         raise ValueError(f"first_row {first_row} does not start a DARE block of {rows} rows")
-    parts = []
-    for start in range(0, shape[0], rows):
-        gen = torch.Generator().manual_seed(seed + (first_row + start) // rows)
-        parts.append(torch.rand((min(rows, shape[0] - start), *shape[1:]), generator=gen))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    cols = math.prod(shape[1:])
+    parts = [fused.uniform(min(rows, shape[0] - start) * cols, seed + (first_row + start) // rows)
+             for start in range(0, shape[0], rows)]
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]).reshape(shape)
 
 
 def random_mask(shape: Sequence[int], density: float, seed: int, first_row: int = 0,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Seeded Bernoulli(``density``) 0/1 keep-mask: ``uniform(...) < density`` (see :func:`uniform`)."""
     return uniform(shape, seed, first_row).lt_(density).to(dtype)
-
-
-def della_keep(magnitude: torch.Tensor, u: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's keep mask (bool): ``u < density - epsilon + 2 epsilon * r / (m - 1)`` per entry.
-
-    ``r`` is the entry's rank (0 = smallest, ties by position: a stable sort) by magnitude within its row of
-    ``m`` entries along the last dimension (a vector is one row; a fused expert tensor ``[E, R, C]`` ranks as
-    mergekit does each expert's ``[R, C]``), as mergekit's ``della_magprune``; a single entry keeps with
-    probability ``density - epsilon``. The probability rises with the rank, so an entry is kept exactly when
-    ``r >= r*(u) = floor((u - density + epsilon) / c) + 1`` (``c = 2 epsilon / (m - 1)``): when its magnitude
-    exceeds the row's ``r*``-th smallest, or equals it and its stable rank still reaches ``r*``. That needs a
-    sort of the values (a SIMD sort, several times cheaper than ranking every entry with an argsort) and a
-    count over the row for the few entries tied with the ``r*``-th value and the one before it; magnitude 0
-    is not resolved (its entry is 0 whether kept or not).
-    """
-    shape = magnitude.shape
-    a = magnitude.float().reshape(-1, shape[-1] if len(shape) else 1)
-    rows, m = a.shape
-    at = torch.from_numpy(np.sort(a.numpy(), axis=1))
-    at = torch.cat([at, torch.full((rows, 1), math.inf)], 1)  # r* = m: nothing reaches it
-    step = 2 * epsilon / max(m - 1, 1)
-    first = u.reshape(a.shape).double().sub_(density - epsilon).div_(step).floor_().add_(1).clamp_(0, m).long()
-    value = at.gather(1, first)
-    keep = a >= value
-    # an entry equal to the r*-th value that also sits just before it in the sorted row is tied with it: count its rank
-    cand = torch.eq(a, value).logical_and_(a != 0).nonzero()
-    r, c = cand[:, 0], cand[:, 1]
-    f = first[r, c]
-    tied = cand[(f > 0) & (at[r, (f - 1).clamp_(min=0)] == a[r, c])]
-    columns = torch.arange(m)
-    for chunk in tied.split(max(1, (1 << 22) // m)):
-        r, c = chunk[:, 0], chunk[:, 1]
-        row, v = a[r], a[r, c].unsqueeze(1)
-        rank = torch.lt(row, v).sum(1).add_(torch.eq(row, v).logical_and_(columns < c.unsqueeze(1)).sum(1))
-        keep[r, c] = rank >= first[r, c]
-    return keep.reshape(shape)
 
 
 # -- kernels -----------------------------------------------------------------------------------------------
@@ -410,8 +333,8 @@ class TaskArithmetic(Kernel):
     ``sparsify``: None (task arithmetic), ``"magnitude"`` (TIES: the ``max(1, int(density n))`` largest
     ``|d|``), ``"outliers"`` (Breadcrumbs: of ``|d|`` sorted ascending, ranks ``[n_bot, n_bot + int(density n))``
     with ``n_bot = max(0, n - int(density n) - int(gamma n))``: the largest ``gamma`` fraction and the
-    smallest dropped), ``"random"`` (DARE: Bernoulli(``density``)), ``"della"`` (DELLA: Bernoulli of
-    :func:`della_keep`). A model with ``density >= 1`` is not sparsified (nor rescaled).
+    smallest dropped), ``"random"`` (DARE: Bernoulli(``density``)), ``"della"`` (DELLA: Bernoulli of a probability
+    rising with the magnitude's rank in its row, :func:`deltakit.engine.fused.sparse_mask`). A model with ``density >= 1`` is not sparsified (nor rescaled).
     ``rescale`` multiplies a sparsified delta by ``|d|_1 / |masked d|_1`` over the whole tensor (left
     as is when either is below 1e-7), as mergekit 0.1.5.
     """
@@ -429,7 +352,7 @@ class TaskArithmetic(Kernel):
         self.l1 = [[0.0, 0.0] for _ in range(n)]
         self.factor: list[float | None] = [None] * n
         self._dtype = torch.float32
-        self._drawn: dict[tuple[int, int], np.ndarray] = {}  # random masks of the L1 scan, as bits, for the rows
+        self._drawn: dict[tuple[int, int], torch.Tensor] = {}  # random masks of the L1 scan, as bits, for the rows
         self._phase = "topk" if self.sample else ("l1" if self.rescale else "rows")
         if sparsify == "della":
             for rho, eps in zip(densities, p["epsilon"]):
@@ -455,16 +378,18 @@ class TaskArithmetic(Kernel):
         for i, x in enumerate(tensors):
             if not self.active[i]:
                 continue
-            d = x - base
             if self._phase == "topk":
-                a = d.abs_()
+                a = (x - base).abs_()
                 for top in self.tops[i]:
                     if not top.done:
                         top.observe(a)
             else:
-                self._dtype = d.dtype
-                self.l1[i][0] += float(d.abs().sum())
-                self.l1[i][1] += float(d.mul_(self._mask(i, start, d)).abs_().sum())
+                self._dtype = self.dtype or x.dtype
+                bits, before, after = self._keep(i, start, base, x, sums=True)
+                self.l1[i][0] += before
+                self.l1[i][1] += after
+                if self.sparsify in ("random", "della"):  # drawn once: kept as bits (1/32 of the block) for the rows
+                    self._drawn[(i, start)] = bits
 
     def end_scan(self):
         if self._phase == "topk":
@@ -485,44 +410,44 @@ class TaskArithmetic(Kernel):
             for top in tops:
                 top.rewind()
 
-    def _mask(self, i: int, start: int, d: torch.Tensor) -> torch.Tensor:
+    def _keep(self, i: int, start: int, base: torch.Tensor, x: torch.Tensor, sums: bool = False) -> tuple[torch.Tensor, float, float]:
+        """Model ``i``'s keep mask on the rows from ``start`` as :func:`deltakit.engine.fused.pack`'s bits, with the sums of
+        ``|d|`` and of the kept ``|d|``: DARE's and DELLA's in float64 (:func:`deltakit.engine.fused.sparse_mask`); TIES's
+        and Breadcrumbs's (0 unless ``sums``) torch's float32 sums, as mergekit's (the same bits on a one-block tensor)."""
         rho = self.p["density"][i]
+        if self.sparsify in ("random", "della"):
+            epsilon = self.p["epsilon"][i] if self.sparsify == "della" else None
+            u = uniform(x.shape, self.seeds[i], start)
+            return fused.sparse_mask(x, base, u, rho, epsilon=epsilon, row=x.shape[-1] if x.dim() else 1)
+        a = (x - base).abs_()
         if self.sparsify == "magnitude":
-            keep = self.tops[i][0].keep(d.abs())
-            return torch.ones_like(d) if keep is None else keep
-        if self.sparsify == "outliers":
-            a = d.abs()
-            keep, drop = (top.keep(a) for top in self.tops[i])
-            return (torch.ones_like(d) if keep is None else keep).sub_(torch.ones_like(d) if drop is None else drop)
-        bits = self._drawn.pop((i, start), None)
-        if bits is not None:
-            return torch.from_numpy(np.unpackbits(bits, count=d.numel())).reshape(d.shape).to(d.dtype)
-        u = uniform(d.shape, self.seeds[i], start).to(d.dtype)
-        if self.sparsify == "random":
-            keep = u.lt_(rho)
+            keep = self.tops[i][0].keep(a)
+            keep = torch.ones_like(a) if keep is None else keep
         else:
-            keep = della_keep(d.abs(), u, rho, self.p["epsilon"][i]).to(d.dtype)
-        if self._phase == "l1":  # drawn once: kept as bits (1/32 of the block) until its rows are written
-            self._drawn[(i, start)] = np.packbits(keep.to(torch.bool).numpy().reshape(-1))
-        return keep
+            keep, drop = (top.keep(a) for top in self.tops[i])
+            keep = (torch.ones_like(a) if keep is None else keep).sub_(torch.ones_like(a) if drop is None else drop)
+        if not sums:
+            return fused.pack(keep), 0.0, 0.0
+        return fused.pack(keep), float(a.sum()), float((a * keep).sum())
+
+    def _mask(self, i: int, start: int, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model ``i``'s keep bits for the rows: those drawn in the L1 scan, else :meth:`_keep`'s."""
+        bits = self._drawn.pop((i, start), None)
+        return self._keep(i, start, base, x)[0] if bits is None else bits
 
     @property
     def fused(self):
-        return not any(self.active) and not self.consensus
+        return self.sparsify in ("random", "della") or (not any(self.active) and not self.consensus)
 
     def rows(self, start, base, tensors):
-        if self.fused:
-            divisor = _divisor(self.p["weight"], self.p["normalize"], self.dtype or tensors[0].dtype)
-            return self.combine(tensors, self.p["weight"], base=base, divisor=divisor, scale=self.p["lambda"])
-        deltas = []
-        for i, x in enumerate(tensors):
-            d = x - base
-            if self.active[i]:
-                d.mul_(self._mask(i, start, d))
-                if self.factor[i] is not None:
-                    d.mul_(self.factor[i])
-            deltas.append(d)
-        return combine(base, deltas, self.p["weight"], self.consensus, self.p["lambda"], self.p["normalize"])
+        weights = self.p["weight"]
+        if not any(self.active) and not self.consensus:
+            divisor = _divisor(weights, self.p["normalize"], self.dtype or tensors[0].dtype)
+            return self.combine(tensors, weights, base=base, divisor=divisor, scale=self.p["lambda"])
+        masks = [self._mask(i, start, base, x) if self.active[i] else None for i, x in enumerate(tensors)]
+        return fused.sparse_combine(tensors, weights, base=base, masks=masks, factors=self.factor, consensus=self.consensus,
+                                    normalize=self.p["normalize"], divisor=_safe_divisor(sum(weights)),
+                                    scale=self.p["lambda"], dtype=self.dtype, out_dtype=self.out_dtype)
 
 
 class _Gram(Kernel):
@@ -770,7 +695,7 @@ class ModelStock(_Gram):
         n = len(tensors)
         if not self.p["filter_wise"]:  # t mean(x_i) + (1 - t) b as one weighted sum of the inputs
             return self.combine([*tensors, base], [self.t / n] * n + [1 - self.t], fma=True)
-        average = _sum([tensors[0].clone(), *tensors[1:]]).div_(n)
+        average = fused.left_sum([tensors[0].clone(), *tensors[1:]]).div_(n)
         shape = base.shape
         b = base.reshape(-1, shape[-1] if base.dim() else 1)
         d = [x.reshape(b.shape) - b for x in tensors]
@@ -809,8 +734,8 @@ class Sce(Kernel):
     def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
         """Population variance across the models per entry, two-pass (``torch.var`` over a stacked first dimension
         is a slow strided reduction on the CPU: 20x this)."""
-        mean = _sum([deltas[0].clone(), *deltas[1:]]).div_(len(deltas))
-        return _sum([(d - mean).square_() for d in deltas]).div_(len(deltas))
+        mean = fused.left_sum([deltas[0].clone(), *deltas[1:]]).div_(len(deltas))
+        return fused.left_sum([(d - mean).square_() for d in deltas]).div_(len(deltas))
 
     def prepare(self, base, tensors):
         if self._phase == "topk":
@@ -849,8 +774,8 @@ class Sce(Kernel):
     def rows(self, start, base, tensors):
         d = self._masked(base, tensors)
         erased = [e.mul_(w) for e, w in zip(_elected(d), self.weights)]
-        merged = _sum(x * e for x, e in zip(d, erased))
-        return merged.div_(_sum([erased[0].clone(), *erased[1:]]).clamp_(min=1e-6)).add_(base)
+        merged = fused.left_sum(x * e for x, e in zip(d, erased))
+        return merged.div_(fused.left_sum([erased[0].clone(), *erased[1:]]).clamp_(min=1e-6)).add_(base)
 
 
 # -- the whole tensor as one block -------------------------------------------------------------------------
