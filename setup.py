@@ -6,4 +6,4 @@
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("deltakit.engine._fused", ["deltakit/engine/_fused.c"], optional=True,
-                             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp-simd"], libraries=["m"])])
+                             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd"], libraries=["m"])])

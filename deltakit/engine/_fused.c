@@ -3,7 +3,8 @@
    The inputs are row blocks as stored (bfloat16 or float32); each kernel converts them to float32 in tiles
    that stay in the L1 cache, computes, and writes the output dtype, so a block is one pass over memory
    instead of one per torch operation. The arithmetic is IEEE float32 in the order mergekit's torch code
-   runs it, one rounding per operation (built with -ffp-contract=off: no fused multiply-adds), so the
+   runs it, one rounding per operation (built with -ffp-contract=off: no fused multiply-adds; -fno-trapping-math only
+   lets gcc vectorize selects, the values are IEEE's), so the
    results are the bits of fused.py's torch path; a fused multiply-add only where asked for (fmaf, one rounding).
    ctypes releases the GIL for the call. */
 
@@ -107,7 +108,8 @@ void dk_nearswap(const void *x, const void *base, int in_dtype, float t, void *o
 }
 
 /* gram[i * n + j] += <v_i, v_j> for i <= j (the lower triangle mirrored), v_i = x[i] - base (rounded to float32)
-   or x[i]; the products and their sums in float64 (a product of two float32 values is exact in float64). */
+   or x[i]; the products and their sums in float64. A product of two float32 values is exact in float64, so adding it
+   by fused multiply-add (one instruction) rounds as adding the product does. */
 DK_CLONES
 void dk_gram(int n, const void *const *x, const void *base, int in_dtype, int64_t count, double *gram) {
     float v[MAX_INPUTS][TILE];
@@ -121,12 +123,27 @@ void dk_gram(int n, const void *const *x, const void *base, int in_dtype, int64_
             if (base)
                 for (int k = 0; k < len; k++) v[i][k] = v[i][k] - b[k];
         }
+        if (n == 2) { /* one loop for the three products of two inputs: each entry widened once */
+            double s00 = 0.0, s10 = 0.0, s11 = 0.0;
+            const float *p = v[0], *q = v[1];
+#pragma omp simd reduction(+ : s00, s10, s11)
+            for (int k = 0; k < len; k++) {
+                double a = p[k], c = q[k];
+                s00 = fma(a, a, s00);
+                s10 = fma(c, a, s10);
+                s11 = fma(c, c, s11);
+            }
+            total[0] += s00;
+            total[2] += s10;
+            total[3] += s11;
+            continue;
+        }
         for (int i = 0; i < n; i++)
             for (int j = 0; j <= i; j++) {
                 double s = 0.0;
                 const float *p = v[i], *q = v[j];
 #pragma omp simd reduction(+ : s)
-                for (int k = 0; k < len; k++) s += (double)p[k] * (double)q[k];
+                for (int k = 0; k < len; k++) s = fma((double)p[k], (double)q[k], s);
                 total[i * n + j] += s;
             }
     }
@@ -291,52 +308,67 @@ int dk_sparse_mask(const void *x, const void *base, int in_dtype, const float *u
     return ok ? 0 : -1;
 }
 
-/* TIES and DARE's mix of sparsified deltas, the torch operations of deltakit.merge.methods.combine in their order:
+/* KEEP[b]: byte b's eight bits as 0/1 floats, entry l bit l (filled when the library is loaded) */
+static float KEEP[256][8];
+
+__attribute__((constructor)) static void fill_keep(void) {
+    for (int b = 0; b < 256; b++)
+        for (int l = 0; l < 8; l++) KEEP[b][l] = (float)((b >> l) & 1);
+}
+
+/* TIES and DARE's mix of sparsified deltas, the torch operations of deltakit.engine.fused.sparse_combine in their order:
    d_i = (x_i - b) * keep_i * factor[i] * w[i] (keep_i from bits[i], all kept where bits[i] is NULL; each product
    rounded), summed left to right. Without consensus: divided by divisor when normalize; with it, the sign of the sum is
    elected (>= 0: +) and only the terms of that sign are summed, divided (normalize) by the sum of their weights
-   (1 where none). Then times scale (skipped for 1) and b added back. */
+   (1 where none). Then times scale (skipped for 1) and b added back. One simple loop per step, so each vectorizes. */
 DK_CLONES
 void dk_sparse_combine(int n, const void *const *x, const float *w, const float *factor, const uint8_t *const *bits,
                        const void *base, int in_dtype, int consensus, int normalize, float divisor, float scale,
                        void *out, int out_dtype, int64_t count) {
-    float b[TILE], v[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
+    float b[TILE], v[TILE], kf[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
     for (int64_t first = 0; first < count; first += TILE) {
         int len = count - first < TILE ? (int)(count - first) : TILE;
         load(base, in_dtype, first, len, b);
         for (int i = 0; i < n; i++) {
+            const float wi = w[i], fi = factor[i];
             load(x[i], in_dtype, first, len, v);
             for (int k = 0; k < len; k++) v[k] = v[k] - b[k];
-            if (bits[i])
-                for (int k = 0; k < len; k++) v[k] = v[k] * (float)((bits[i][(first + k) >> 3] >> ((first + k) & 7)) & 1);
-            for (int k = 0; k < len; k++) v[k] = v[k] * factor[i];
-            for (int k = 0; k < len; k++) v[k] = v[k] * w[i];
+            if (bits[i]) {
+                const uint8_t *by = bits[i] + first / 8;
+                for (int q = 0; q < (len + 7) / 8; q++) memcpy(kf + 8 * q, KEEP[by[q]], sizeof KEEP[0]);
+                for (int k = 0; k < len; k++) v[k] = v[k] * kf[k];
+            }
+            for (int k = 0; k < len; k++) v[k] = v[k] * fi;
+            for (int k = 0; k < len; k++) v[k] = v[k] * wi;
             if (i == 0)
-                for (int k = 0; k < len; k++) total[k] = v[k];
+                memcpy(total, v, (size_t)len * sizeof(float));
             else
                 for (int k = 0; k < len; k++) total[k] = total[k] + v[k];
             if (!consensus) continue;
-            for (int k = 0; k < len; k++) {
-                float p = v[k] < 0.0f ? 0.0f : v[k], q = v[k] > 0.0f ? 0.0f : v[k];
-                float fp = (float)(v[k] > 0.0f) * w[i], fn = (float)(v[k] < 0.0f) * w[i];
-                pos[k] = i ? pos[k] + p : p;
-                neg[k] = i ? neg[k] + q : q;
-                wpos[k] = i ? wpos[k] + fp : fp;
-                wneg[k] = i ? wneg[k] + fn : fn;
+            if (i == 0) {
+                for (int k = 0; k < len; k++) pos[k] = v[k] < 0.0f ? 0.0f : v[k];
+                for (int k = 0; k < len; k++) neg[k] = v[k] > 0.0f ? 0.0f : v[k];
+                for (int k = 0; k < len; k++) wpos[k] = (v[k] > 0.0f ? 1.0f : 0.0f) * wi;
+                for (int k = 0; k < len; k++) wneg[k] = (v[k] < 0.0f ? 1.0f : 0.0f) * wi;
+            } else {
+                for (int k = 0; k < len; k++) pos[k] = pos[k] + (v[k] < 0.0f ? 0.0f : v[k]);
+                for (int k = 0; k < len; k++) neg[k] = neg[k] + (v[k] > 0.0f ? 0.0f : v[k]);
+                for (int k = 0; k < len; k++) wpos[k] = wpos[k] + (v[k] > 0.0f ? 1.0f : 0.0f) * wi;
+                for (int k = 0; k < len; k++) wneg[k] = wneg[k] + (v[k] < 0.0f ? 1.0f : 0.0f) * wi;
             }
         }
         if (!consensus) {
             if (normalize)
                 for (int k = 0; k < len; k++) total[k] = total[k] / divisor;
         } else {
-            for (int k = 0; k < len; k++) {
-                float up = (float)(total[k] >= 0.0f), down = (float)(total[k] < 0.0f);
-                float mixed = pos[k] * up + neg[k] * down;
-                if (normalize) {
-                    float div = wpos[k] * up + wneg[k] * down;
-                    mixed = mixed / (div + (float)(div == 0.0f));
-                }
-                total[k] = mixed;
+            /* kf, v: the 0/1 masks of an elected + and an elected - */
+            for (int k = 0; k < len; k++) kf[k] = total[k] >= 0.0f ? 1.0f : 0.0f;
+            for (int k = 0; k < len; k++) v[k] = total[k] < 0.0f ? 1.0f : 0.0f;
+            for (int k = 0; k < len; k++) total[k] = pos[k] * kf[k] + neg[k] * v[k];
+            if (normalize) {
+                for (int k = 0; k < len; k++) wpos[k] = wpos[k] * kf[k] + wneg[k] * v[k];
+                for (int k = 0; k < len; k++) wpos[k] = wpos[k] + (wpos[k] == 0.0f ? 1.0f : 0.0f);
+                for (int k = 0; k < len; k++) total[k] = total[k] / wpos[k];
             }
         }
         if (scale != 1.0f)
