@@ -158,11 +158,11 @@ void dk_gram(int n, const void *const *x, const void *base, int in_dtype, int64_
    low 32 bits, one 32-bit draw per entry, u = (r & (2^24 - 1)) * 2^-24 (exact in float32). */
 DK_CLONES
 void dk_uniform(uint64_t seed, int64_t count, float *out) {
-    uint32_t s[625];
+    uint32_t s[624];
     s[0] = (uint32_t)seed;
     for (int i = 1; i < 624; i++) s[i] = 1812433253u * (s[i - 1] ^ (s[i - 1] >> 30)) + (uint32_t)i;
     for (int64_t first = 0; first < count; first += 624) {
-        /* the twist, a new state of 624 words, in three runs that each vectorize (s[624] stands for s[0]) */
+        /* the twist, a new state of 624 words, in runs that each vectorize (the last word wraps to s[0]) */
         for (int i = 0; i < 227; i++) {
             uint32_t y = (s[i] & 0x80000000u) | (s[i + 1] & 0x7fffffffu);
             s[i] = s[i + 397] ^ (y >> 1) ^ ((0u - (y & 1u)) & 0x9908b0dfu);

@@ -197,8 +197,9 @@ def sparse_mask(x: torch.Tensor, base: torch.Tensor, u: torch.Tensor, density: f
     if count % row:
         raise ValueError(f"{count} entries are not rows of {row}")
     lo, step = density - (epsilon or 0.0), 2 * (epsilon or 0.0) / max(row - 1, 1)
-    lib = _native_inputs([x, u.to(x.dtype) if u.dtype != x.dtype else u], base) if u.dtype == torch.float32 else None
-    if lib is not None and u.is_contiguous() and u.numel() == count:
+    takes_u = u.dtype == torch.float32 and u.is_contiguous() and u.numel() == count and u.device.type == "cpu"
+    lib = _native_inputs([x], base) if takes_u else None
+    if lib is not None:
         bits = torch.empty((count + 7) // 8, dtype=torch.uint8)
         sums = (ctypes.c_double * 2)(0.0, 0.0)
         if lib.dk_sparse_mask(x.data_ptr(), base.data_ptr(), _CODES[x.dtype], u.data_ptr(), density, int(epsilon is not None),

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from deltakit.engine import fused
@@ -31,11 +30,6 @@ Tensors = Sequence[torch.Tensor]
 
 
 # -- small pieces -----------------------------------------------------------------------------------------
-def _scaled(t: torch.Tensor, lambda_: float) -> torch.Tensor:
-    """``t * lambda`` in place (skipped for 1, which changes nothing)."""
-    return t if lambda_ == 1 else t.mul_(lambda_)
-
-
 def _deltas(base: torch.Tensor, tensors: Tensors) -> Tensors:
     """``d_i = x_i - b``: one stacked tensor when ``tensors`` is one (the engine's reads), else a list."""
     return tensors - base if isinstance(tensors, torch.Tensor) else [x - base for x in tensors]
